@@ -1,0 +1,181 @@
+"""Adapter for timm's ``VisionTransformer`` family (DeiT, distilled DeiT, ViT, registers, ...).
+
+Installing a method swaps the model's class for a generated subclass whose forward threads a
+:class:`~vitrim.state.ForwardState` through the blocks and hands each block to the method.
+Everything else is the model's own code: ``patch_embed``, ``_pos_embed`` (class, distillation
+and register tokens, dynamic image size, ``no_embed_class``), ``patch_drop``, ``norm_pre``,
+``norm`` and ``forward_head``; blocks and their modules are not touched. ``remove`` restores the
+original class, so the state dict and behaviour are exactly the original ones.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import UnsupportedModelError
+from ..methods.base import ModelInfo, ReductionMethod
+from ..state import ForwardState
+
+try:  # timm >= 1.0
+    from timm.layers import Attention as TimmAttention
+    from timm.models.vision_transformer import Block as TimmBlock
+    from timm.models.vision_transformer import VisionTransformer
+except ImportError:  # pragma: no cover - guarded by the dependency pin
+    TimmAttention = TimmBlock = VisionTransformer = None
+
+__all__ = ["TimmViTAdapter"]
+
+_REDUCED_CLASSES: dict[type, type] = {}
+
+
+def _overrides(obj: object, base: type, name: str) -> bool:
+    return getattr(type(obj), name) is not getattr(base, name)
+
+
+class TimmViTAdapter:
+    """Validates a timm ViT and installs/removes a method on it."""
+
+    family = "timm-vit"
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        return VisionTransformer is not None and isinstance(model, VisionTransformer)
+
+    def __init__(self, model: nn.Module, check: bool = True) -> None:
+        if check:
+            self._check(model)
+        self.model = model
+
+    # ------------------------------------------------------------------ checks
+    @staticmethod
+    def _check(model: nn.Module) -> None:
+        name = type(model).__name__
+        for fn in ("forward_features", "forward"):
+            if _overrides(model, VisionTransformer, fn):
+                raise UnsupportedModelError(
+                    f"{name} overrides VisionTransformer.{fn}; vitrim reduces timm VisionTransformer models "
+                    f"whose feature forward is timm's own (deit_*, deit_*_distilled, vit_*), so it cannot "
+                    f"keep {name}'s behaviour. Accepted: timm VisionTransformer and subclasses that only "
+                    f"override _pos_embed/forward_head (e.g. VisionTransformerDistilled).")
+        for i, block in enumerate(model.blocks):
+            if not isinstance(block, TimmBlock) or _overrides(block, TimmBlock, "forward"):
+                raise UnsupportedModelError(
+                    f"{name}.blocks[{i}] is a {type(block).__name__}; vitrim supports timm's "
+                    f"vision_transformer.Block (pre-norm: attention, LayerScale, drop_path, MLP). "
+                    f"Blocks such as ResPostBlock or ParallelScalingBlock are not supported.")
+            attn = block.attn
+            if not isinstance(attn, TimmAttention) or _overrides(attn, TimmAttention, "forward"):
+                raise UnsupportedModelError(
+                    f"{name}.blocks[{i}].attn is a {type(attn).__name__}; vitrim supports timm.layers.Attention "
+                    f"(fused or explicit, qk-norm, scale-norm, gate). RoPE or other attention is not supported.")
+
+    # ------------------------------------------------------------------ facts
+    def info(self) -> ModelInfo:
+        m = self.model
+        pool = "map" if getattr(m, "attn_pool", None) is not None else (m.global_pool or "")
+        return ModelInfo(
+            family=self.family,
+            depth=len(m.blocks),
+            embed_dim=m.embed_dim,
+            num_heads=m.blocks[0].attn.num_heads,
+            num_prefix_tokens=m.num_prefix_tokens,
+            num_patches=m.patch_embed.num_patches,
+            global_pool=pool,
+        )
+
+    def default_img_size(self) -> tuple[int, int]:
+        return tuple(self.model.patch_embed.img_size)
+
+    def num_patches(self, img_size: Optional[tuple[int, int]] = None) -> int:
+        pe = self.model.patch_embed
+        if img_size is None:
+            return pe.num_patches
+        h, w = img_size
+        if not (getattr(self.model, "dynamic_img_size", False) or not getattr(pe, "strict_img_size", True)):
+            if (h, w) != tuple(pe.img_size):
+                raise ValueError(f"img_size {h}x{w} does not match this model's fixed input size "
+                                 f"{pe.img_size[0]}x{pe.img_size[1]}; create the model with dynamic_img_size=True "
+                                 f"to run other sizes")
+        ph, pw = pe.patch_size
+        if getattr(pe, "dynamic_img_pad", False):
+            return math.ceil(h / ph) * math.ceil(w / pw)
+        return (h // ph) * (w // pw)
+
+    def grid_size(self, img_size: Optional[tuple[int, int]] = None) -> tuple[int, int]:
+        pe = self.model.patch_embed
+        if img_size is None:
+            return tuple(pe.grid_size)
+        return img_size[0] // pe.patch_size[0], img_size[1] // pe.patch_size[1]
+
+    # ------------------------------------------------------------------ install
+    def install(self, method: ReductionMethod) -> None:
+        model = self.model
+        original = type(model)
+        if original not in _REDUCED_CLASSES:
+            _REDUCED_CLASSES[original] = type(f"Reduced{original.__name__}", (original,), {
+                "forward_tokens": _forward_tokens,
+                "forward_features": _forward_features,
+                "forward": _forward,
+                "_vitrim_original_class": original,
+                "__module__": original.__module__,
+            })
+        model.vitrim = method
+        model.__class__ = _REDUCED_CLASSES[original]
+
+    @staticmethod
+    def uninstall(model: nn.Module) -> None:
+        model.__class__ = type(model)._vitrim_original_class
+        del model.vitrim
+
+
+# ---------------------------------------------------------------------- reduced forward
+def _forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, ForwardState]:
+    """Image ``[B, 3, H, W]`` -> final normed tokens ``[B, T, C]`` and the forward's state."""
+    method: ReductionMethod = self.vitrim
+    x = self.patch_embed(x)
+    x = self._pos_embed(x)
+    x = self.patch_drop(x)
+    x = self.norm_pre(x)
+    state = method.new_state(x)
+    use_ckpt = self.grad_checkpointing and self.training and not torch.jit.is_scripting()
+    for i, block in enumerate(self.blocks):
+        if use_ckpt:
+            x, state = checkpoint(method.block_forward, block, i, x, state, use_reentrant=False)
+        else:
+            x, state = method.block_forward(block, i, x, state)
+    x = self.norm(x)
+    method.finish(state)
+    return x, state
+
+
+def _forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    return self.forward_tokens(x)[0]
+
+
+def _pool_weighted(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """timm's global pooling with average terms weighted by token sizes (tome.md §10)."""
+    pool = self.global_pool
+    if not self.pool_include_prefix:
+        x, weights = x[:, self.num_prefix_tokens:], weights[:, self.num_prefix_tokens:]
+    w = weights.to(x.dtype)
+    mean = (x * w).sum(dim=1) / w.sum(dim=1)
+    if pool == "avg":
+        return mean
+    if pool == "avgmax":
+        return 0.5 * (x.amax(dim=1) + mean)
+    return x.amax(dim=1)  # max: unweighted, a merged token's max is its mean's max
+
+
+def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    x, state = self.forward_tokens(x)
+    weights = self.vitrim.pool_weights(state)
+    if weights is None or self.global_pool in ("token", ""):
+        return self.forward_head(x)
+    x = _pool_weighted(self, x, weights)
+    x = self.fc_norm(x)
+    x = self.head_drop(x)
+    return self.head(x)

@@ -1,0 +1,159 @@
+"""Same-run throughput: reduced models against the unreduced one (protocol.md §3.2).
+
+Every model gets the same input tensor, created once on the device; warm-up iterations are
+discarded; each repetition times ``iters`` forwards of every model in turn (interleaved, so
+drift in clock speed or load hits all models alike), synchronising before and after; the
+result is the median images/s over repetitions and the speed-up against the first model.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["BenchResult", "ModelTiming", "benchmark", "environment"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ModelTiming:
+    name: str
+    img_per_s: float            # median over repetitions
+    img_per_s_min: float
+    img_per_s_max: float
+    ms_per_batch: float         # median latency of one forward of the whole batch
+    speedup: float = 1.0        # against the first (reference) model
+    gmacs: Optional[float] = None
+    runs: list[float] = field(default_factory=list)
+
+
+@dataclass
+class BenchResult:
+    batch_size: int
+    precision: str
+    device: str
+    input_size: tuple[int, int, int]
+    warmup: int
+    repeats: int
+    iters: int
+    compiled: bool
+    env: dict
+    timings: list[ModelTiming]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def table(self) -> str:
+        head = (f"batch {self.batch_size}, {self.precision}, {self.device} ({self.env.get('device_name')}), "
+                f"sdpa={'on' if self.env.get('fused_attn') else 'off'}, compile={'on' if self.compiled else 'off'}, "
+                f"{self.repeats} reps x {self.iters} iters after {self.warmup} warm-up")
+        lines = [head, f"{'model':<36} {'GMACs':>7} {'img/s':>9} {'(min-max)':>17} {'ms/batch':>9} {'speedup':>8}"]
+        for t in self.timings:
+            g = f"{t.gmacs:.3f}" if t.gmacs is not None else "-"
+            lines.append(f"{t.name:<36} {g:>7} {t.img_per_s:>9.1f} {f'{t.img_per_s_min:.1f}-{t.img_per_s_max:.1f}':>17} "
+                         f"{t.ms_per_batch:>9.2f} {t.speedup:>7.2f}x")
+        return "\n".join(lines)
+
+
+def environment(device: torch.device) -> dict:
+    """What a result must be recorded with: device, versions, threads, kernel settings."""
+    import timm
+    from timm.layers import use_fused_attn
+
+    env = {
+        "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
+        "threads": torch.get_num_threads(), "fused_attn": bool(use_fused_attn()),
+    }
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+        env["driver"] = getattr(torch.cuda, "driver_version", lambda: None)() if hasattr(torch.cuda, "driver_version") else None
+    else:
+        env["device_name"] = platform.processor() or platform.machine()
+    return env
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+
+
+def benchmark(
+        models: dict[str, nn.Module],
+        batch_size: int = 32,
+        input_size: tuple[int, int, int] = (3, 224, 224),
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        warmup: int = 5,
+        repeats: int = 5,
+        iters: int = 5,
+        compiled: bool = False,
+        gmacs: Optional[dict[str, float]] = None,
+        progress: Optional[Callable[[str], None]] = None,
+) -> BenchResult:
+    """Time ``models`` side by side; the first one is the reference for ``speedup``.
+
+    Args:
+        models: name -> model (already on ``device``, any reduction installed).
+        precision: ``fp32``, or ``bf16`` / ``fp16`` autocast (weights stay fp32).
+        warmup: untimed forwards per model before timing.
+        repeats, iters: ``repeats`` timed samples of ``iters`` forwards each; median reported.
+        progress: optional callback with a short status string per repetition.
+    """
+    if precision not in DTYPES:
+        raise ValueError(f"precision must be one of {', '.join(DTYPES)}, got {precision!r}")
+    if batch_size < 1 or repeats < 1 or iters < 1 or warmup < 0:
+        raise ValueError("batch_size, repeats and iters must be >= 1 and warmup >= 0")
+    if not models:
+        raise ValueError("benchmark needs at least one model")
+    device = torch.device(device)
+    if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ValueError("bf16 is not supported on this GPU; use fp16 or fp32")
+    x = torch.randn(batch_size, *input_size, device=device)
+    for m in models.values():
+        m.eval()
+    samples: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode(), _autocast(device, precision):
+        for name, m in models.items():
+            for _ in range(warmup):
+                m(x)
+        _sync(device)
+        for rep in range(repeats):
+            for name, m in models.items():
+                _sync(device)
+                start = time.perf_counter()
+                for _ in range(iters):
+                    m(x)
+                _sync(device)
+                samples[name].append(time.perf_counter() - start)
+            if progress is not None:
+                progress(f"repetition {rep + 1}/{repeats}")
+    timings = []
+    for name, secs in samples.items():
+        rates = [batch_size * iters / s for s in secs]
+        timings.append(ModelTiming(
+            name=name, img_per_s=statistics.median(rates), img_per_s_min=min(rates), img_per_s_max=max(rates),
+            ms_per_batch=1000 * statistics.median(secs) / iters, runs=rates,
+            gmacs=None if gmacs is None else gmacs.get(name),
+        ))
+    for t in timings:
+        t.speedup = t.img_per_s / timings[0].img_per_s
+    return BenchResult(batch_size, precision, str(device), tuple(input_size), warmup, repeats, iters,
+                       compiled, environment(device), timings)

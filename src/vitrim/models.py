@@ -1,0 +1,59 @@
+"""Model creation for the CLI: timm names, ``pretrained=True`` and ``--checkpoint PATH``, with
+errors that say what went wrong (unknown name, offline hub, missing or mismatched file)."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .errors import VitrimError
+
+__all__ = ["create_model", "load_checkpoint"]
+
+
+def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] = None,
+                 img_size: Optional[int] = None, **kwargs) -> nn.Module:
+    """``timm.create_model`` with vitrim's checks; ``checkpoint`` loads a local state dict."""
+    import timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        raise VitrimError(f"unknown timm model {name!r}" + (f"; similar names: {', '.join(close)}" if close else "")
+                          + "; see timm.list_models()")
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    try:
+        model = timm.create_model(name, pretrained=pretrained and checkpoint is None, **kwargs)
+    except (OSError, RuntimeError, ValueError) as err:
+        if pretrained:
+            raise VitrimError(f"could not load pretrained weights for {name!r} ({type(err).__name__}: {err}). "
+                              f"Without network access, download the weights elsewhere and pass "
+                              f"--checkpoint PATH (or checkpoint=PATH)") from err
+        raise
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    return model
+
+
+def load_checkpoint(model: nn.Module, path: str) -> nn.Module:
+    """Load a state dict saved by timm, vitrim or ``torch.save(model.state_dict())``."""
+    if not os.path.isfile(path):
+        raise VitrimError(f"checkpoint {path!r} does not exist or is not a file")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict", "model_ema"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise VitrimError(f"checkpoint {path!r} does not fit {type(model).__name__}: {str(err)[:600]}") from err
+    return model

@@ -1,0 +1,37 @@
+"""Per-forward state of a reduced model.
+
+One :class:`ForwardState` is created at the start of every forward pass and threaded through
+the blocks explicitly; blocks return an updated copy instead of mutating shared state, so a
+forward is re-entrant, blocks can be recomputed (gradient checkpointing) and traced
+(``torch.compile``, ONNX) with static per-block token counts.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+__all__ = ["ForwardState"]
+
+
+@dataclass(frozen=True)
+class ForwardState:
+    """What one forward pass tracks about its tokens.
+
+    Attributes:
+        num_prefix_tokens: protected tokens at the front (class, distillation, registers).
+        num_patches: patch tokens at the input (``N0``); ``T0 = num_prefix_tokens + num_patches``.
+        size: ``[B, T, 1]`` float32 count of input tokens each current token stands for;
+            ``None`` until the first merge (all ones).
+        source: ``[B, T, T0]`` binary provenance, only when a method traces it.
+    """
+
+    num_prefix_tokens: int
+    num_patches: int
+    size: Optional[torch.Tensor] = None
+    source: Optional[torch.Tensor] = None
+
+    def replace(self, **changes) -> "ForwardState":
+        return dataclasses.replace(self, **changes)

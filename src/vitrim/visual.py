@@ -1,0 +1,34 @@
+"""Map reduced tokens back to the patch grid (provenance helpers for pictures and dense use)."""
+from __future__ import annotations
+
+import torch
+
+from .ops.merge import unmerge_from_source
+
+__all__ = ["source_to_grid", "tokens_to_grid"]
+
+
+def source_to_grid(source: torch.Tensor, grid_size: tuple[int, int], num_prefix_tokens: int) -> torch.Tensor:
+    """Which final token holds each patch.
+
+    Args:
+        source: ``[B, T, T0]`` binary provenance (``model.vitrim.source`` with ``trace_source=True``).
+        grid_size: ``(H, W)`` patch grid, ``H * W = T0 - num_prefix_tokens``.
+        num_prefix_tokens: leading columns of ``source`` that are prefix tokens (dropped).
+
+    Returns:
+        ``[B, H, W]`` long tensor of final-token indices (group ids).
+    """
+    B, _, T0 = source.shape
+    h, w = grid_size
+    if h * w != T0 - num_prefix_tokens:
+        raise ValueError(f"grid {h}x{w} has {h * w} patches but source covers {T0 - num_prefix_tokens} "
+                         f"(T0={T0}, num_prefix_tokens={num_prefix_tokens})")
+    return source[:, :, num_prefix_tokens:].argmax(dim=1).reshape(B, h, w)
+
+
+def tokens_to_grid(tokens: torch.Tensor, source: torch.Tensor, grid_size: tuple[int, int],
+                   num_prefix_tokens: int) -> torch.Tensor:
+    """Dense features: ``tokens [B, T, C] -> [B, H, W, C]``, each patch gets its group's token."""
+    full = unmerge_from_source(tokens, source)[:, num_prefix_tokens:]
+    return full.reshape(tokens.shape[0], grid_size[0], grid_size[1], tokens.shape[-1])
