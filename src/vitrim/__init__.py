@@ -8,7 +8,7 @@ Reduced...
 2.7
 """
 from . import methods as _methods  # noqa: F401  (registers the methods)
-from .api import apply, forward_tokens, get_method, is_reduced, methods, remove, update
+from .api import apply, forward_tokens, forward_with_state, get_method, is_reduced, methods, remove, update
 from .errors import AlreadyReducedError, NotReducedError, OptionError, UnsupportedModelError, VitrimError
 from .measure.flops import flops, flops_report, traced_flops
 from .ops.merge import unmerge_from_source
@@ -18,7 +18,7 @@ from .visual import source_to_grid
 __version__ = "0.1.0"
 
 __all__ = [
-    "apply", "remove", "update", "methods", "get_method", "is_reduced", "forward_tokens",
+    "apply", "remove", "update", "methods", "get_method", "is_reduced", "forward_tokens", "forward_with_state",
     "flops", "flops_report", "traced_flops", "source_to_grid", "unmerge_from_source", "ForwardState",
     "VitrimError", "OptionError", "UnsupportedModelError", "AlreadyReducedError", "NotReducedError",
 ]

@@ -11,7 +11,7 @@ from .errors import AlreadyReducedError, NotReducedError, OptionError
 from .methods.base import ReductionMethod, get_method_class, method_names
 from .state import ForwardState
 
-__all__ = ["apply", "remove", "update", "methods", "get_method", "is_reduced", "forward_tokens"]
+__all__ = ["apply", "remove", "update", "methods", "get_method", "is_reduced", "forward_tokens", "forward_with_state"]
 
 
 def methods() -> list[str]:
@@ -80,3 +80,10 @@ def forward_tokens(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, For
     """Final normed tokens ``[B, T, C]`` and the forward's :class:`ForwardState` (sizes, source)."""
     get_method(model)
     return model.forward_tokens(x)
+
+
+def forward_with_state(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ForwardState]:
+    """The model's output (logits, or ``(cls, dist)`` for distilled models in distilled training)
+    and the forward's :class:`ForwardState` (sizes, source, policy, per-stage records)."""
+    get_method(model)
+    return model.forward_with_state(x)

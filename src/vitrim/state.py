@@ -26,12 +26,17 @@ class ForwardState:
         size: ``[B, T, 1]`` float32 count of input tokens each current token stands for;
             ``None`` until the first merge (all ones).
         source: ``[B, T, T0]`` binary provenance, only when a method traces it.
+        policy: ``[B, T, 1]`` keep mask (1 = active) of masked fixed-shape training forms.
+        records: per-stage outputs a method exposes for losses and pictures (e.g. predictor
+            decisions, attention maps, kept indices), appended as ``state.records + (rec,)``.
     """
 
     num_prefix_tokens: int
     num_patches: int
     size: Optional[torch.Tensor] = None
     source: Optional[torch.Tensor] = None
+    policy: Optional[torch.Tensor] = None
+    records: tuple = ()
 
     def replace(self, **changes) -> "ForwardState":
         return dataclasses.replace(self, **changes)

@@ -120,6 +120,7 @@ class TimmViTAdapter:
                 "forward_tokens": _forward_tokens,
                 "forward_features": _forward_features,
                 "forward": _forward,
+                "forward_with_state": _forward_with_state,
                 "_vitrim_original_class": original,
                 "__module__": original.__module__,
             })
@@ -170,12 +171,17 @@ def _pool_weighted(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor
     return x.amax(dim=1)  # max: unweighted, a merged token's max is its mean's max
 
 
-def _forward(self, x: torch.Tensor) -> torch.Tensor:
+def _forward_with_state(self, x: torch.Tensor):
+    """Logits (as ``forward``) and the forward's state, for losses that need more than logits."""
     x, state = self.forward_tokens(x)
     weights = self.vitrim.pool_weights(state)
     if weights is None or self.global_pool in ("token", ""):
-        return self.forward_head(x)
+        return self.forward_head(x), state
     x = _pool_weighted(self, x, weights)
     x = self.fc_norm(x)
     x = self.head_drop(x)
-    return self.head(x)
+    return self.head(x), state
+
+
+def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.forward_with_state(x)[0]
