@@ -29,3 +29,16 @@ def record_token_counts(model):
         handles.append(block.norm1.register_forward_hook(lambda m, i, o: counts["attn"].append(o.shape[1])))
         handles.append(block.mlp.register_forward_hook(lambda m, i, o: counts["mlp"].append(o.shape[1])))
     return counts, handles
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _vitrim_home(tmp_path_factory):
+    """Built datasets go to a per-session folder, not the user's cache."""
+    import os
+    old = os.environ.get("VITRIM_HOME")
+    os.environ["VITRIM_HOME"] = str(tmp_path_factory.mktemp("vitrim_home"))
+    yield
+    if old is None:
+        os.environ.pop("VITRIM_HOME", None)
+    else:
+        os.environ["VITRIM_HOME"] = old

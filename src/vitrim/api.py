@@ -36,7 +36,9 @@ def apply(model: nn.Module, method: str, **options: Any) -> nn.Module:
     Args:
         model: a supported model (timm ``VisionTransformer`` family).
         method: one of :func:`methods` (e.g. ``"tome"``).
-        **options: the method's options (ToMe: ``r``, ``prop_attn``, ``trace_source``).
+        **options: the method's options (ToMe: ``r``, ``prop_attn``, ``trace_source``); or a budget,
+            ``target_gmacs=`` / ``target_speedup=``, that :func:`vitrim.solve` turns into the
+            strength option (``r`` / ``keep_rate``) first.
 
     Example:
         >>> import timm, vitrim
@@ -48,6 +50,12 @@ def apply(model: nn.Module, method: str, **options: Any) -> nn.Module:
         raise AlreadyReducedError(
             f"this model already carries vitrim method {model.vitrim.name!r}; call vitrim.remove(model) "
             f"first, or change its options with vitrim.update(model, ...)")
+    budget = {k: options.pop(k) for k in ("target_gmacs", "target_speedup") if options.get(k) is not None}
+    options = {k: v for k, v in options.items() if k not in ("target_gmacs", "target_speedup")}
+    if budget:
+        from .solve import solve
+
+        options = solve(model, method, **budget, **options)
     method_cls = get_method_class(method)
     adapter = get_adapter(model)
     info = adapter.info()

@@ -37,8 +37,11 @@ def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] 
     return model
 
 
-def load_checkpoint(model: nn.Module, path: str) -> nn.Module:
-    """Load a state dict saved by timm, vitrim or ``torch.save(model.state_dict())``."""
+def load_checkpoint(model: nn.Module, path: str, ignore_prefix: Optional[str] = None) -> nn.Module:
+    """Load a state dict saved by timm, vitrim or ``torch.save(model.state_dict())``.
+
+    ``ignore_prefix`` drops keys with that prefix first (e.g. ``"vitrim."`` to load a reduced
+    model's backbone into the unreduced model)."""
     if not os.path.isfile(path):
         raise VitrimError(f"checkpoint {path!r} does not exist or is not a file")
     if path.endswith(".safetensors"):
@@ -52,6 +55,8 @@ def load_checkpoint(model: nn.Module, path: str) -> nn.Module:
             state = state[key]
             break
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    if ignore_prefix:
+        state = {k: v for k, v in state.items() if not k.startswith(ignore_prefix)}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

@@ -5,11 +5,13 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from .hf import SUPPORTED_CLASSES, HFAdapter
+from .pvt import PvtV2Adapter
 from .timm_vit import TimmViTAdapter
 
-__all__ = ["get_adapter", "ADAPTERS", "TimmViTAdapter"]
+__all__ = ["get_adapter", "ADAPTERS", "TimmViTAdapter", "PvtV2Adapter", "HFAdapter"]
 
-ADAPTERS = (TimmViTAdapter,)
+ADAPTERS = (TimmViTAdapter, PvtV2Adapter, HFAdapter)
 
 
 def get_adapter(model: nn.Module):
@@ -23,4 +25,6 @@ def get_adapter(model: nn.Module):
     raise UnsupportedModelError(
         f"{type(model).__name__} is not supported; vitrim reduces timm VisionTransformer models "
         f"(deit_*, deit_*_distilled, vit_* with class token or global-pool head, register tokens, "
-        f"qk-norm, LayerScale, fused or non-fused attention, dynamic image size)")
+        f"qk-norm, LayerScale, fused or non-fused attention, dynamic image size) and, for idle only, timm "
+        f"PyramidVisionTransformerV2 (pvt_v2_b0..b5, pvt_v2_b2_li), and Hugging Face transformers "
+        f"{', '.join(SUPPORTED_CLASSES)}")

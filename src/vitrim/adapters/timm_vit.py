@@ -85,6 +85,7 @@ class TimmViTAdapter:
             num_prefix_tokens=m.num_prefix_tokens,
             num_patches=m.patch_embed.num_patches,
             global_pool=pool,
+            has_class_token=bool(getattr(m, "has_class_token", m.cls_token is not None)),
         )
 
     def default_img_size(self) -> tuple[int, int]:
@@ -121,6 +122,7 @@ class TimmViTAdapter:
                 "forward_features": _forward_features,
                 "forward": _forward,
                 "forward_with_state": _forward_with_state,
+                "forward_head_with_state": _forward_head_with_state,
                 "_vitrim_original_class": original,
                 "__module__": original.__module__,
             })
@@ -171,16 +173,22 @@ def _pool_weighted(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor
     return x.amax(dim=1)  # max: unweighted, a merged token's max is its mean's max
 
 
-def _forward_with_state(self, x: torch.Tensor):
-    """Logits (as ``forward``) and the forward's state, for losses that need more than logits."""
-    x, state = self.forward_tokens(x)
+def _forward_head_with_state(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
+    """The model's head on reduced tokens: its own ``forward_head`` for token pooling, average
+    terms weighted by the method's pooling weights (token sizes) otherwise."""
     weights = self.vitrim.pool_weights(state)
     if weights is None or self.global_pool in ("token", ""):
-        return self.forward_head(x), state
+        return self.forward_head(x)
     x = _pool_weighted(self, x, weights)
     x = self.fc_norm(x)
     x = self.head_drop(x)
-    return self.head(x), state
+    return self.head(x)
+
+
+def _forward_with_state(self, x: torch.Tensor):
+    """Logits (as ``forward``) and the forward's state, for losses that need more than logits."""
+    x, state = self.forward_tokens(x)
+    return self.forward_head_with_state(x, state), state
 
 
 def _forward(self, x: torch.Tensor) -> torch.Tensor:

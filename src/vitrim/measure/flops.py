@@ -130,9 +130,16 @@ def flops_report(model: nn.Module, img_size: ImgSize = None) -> FlopsReport:
 
     adapter = get_adapter(model)
     size = _img_size(adapter, img_size)
+    method = getattr(model, "vitrim", None)
+    if hasattr(adapter, "cost_plan"):  # families with their own block layout (pyramids) price their blocks
+        plan = adapter.cost_plan(size)
+        return FlopsReport(
+            model=model_name(model), method=None if method is None else method.name,
+            options={} if method is None else method.options(), img_size=size, num_tokens=plan["num_tokens"],
+            embed_macs=plan["embed_macs"], head_macs=plan["head_macs"], extra_macs=plan["extra_macs"],
+            layers=[LayerFlops(*layer) for layer in plan["layers"]])
     num_patches = adapter.num_patches(size)
     num_tokens = num_patches + model.num_prefix_tokens
-    method = getattr(model, "vitrim", None)
     if method is None:
         plan = [BlockTokens(num_tokens, num_tokens, num_tokens)] * len(model.blocks)
         extra = 0

@@ -31,6 +31,7 @@ class ModelInfo:
     num_prefix_tokens: int
     num_patches: int  # at the model's default input size
     global_pool: str
+    has_class_token: bool = True  # class token at index 0 (class-attention scoring needs its query)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,297 @@
+"""Adapter for timm's PVT-v2 (``pvt_v2_b0`` .. ``pvt_v2_b5``, ``pvt_v2_b2_li``): pyramid ViTs.
+
+Only methods that keep every token in place can reduce a pyramid model (its stages need complete
+``H x W`` maps for the overlapping patch embeddings, the spatial-reduction attention and the
+depthwise convolutions), so this adapter accepts IdleViT only (methods list it in ``families``).
+
+Installing swaps the model's class for a generated subclass whose forward runs the model's own
+``patch_embed``, each stage's own ``downsample`` and ``norm`` and the model's ``forward_head``, and
+hands every block to the method with a :class:`PyramidState` carrying the stage's ``(H, W)``.
+Blocks are numbered 0.. across stages (``pvt_v2_b1``: stage 0 = blocks 0, 1; stage 1 = 2, 3; ...).
+
+FLOPs (:meth:`PvtV2Adapter.cost_plan`, used by ``vitrim.flops``): MACs of every linear and
+convolution from the modules' shapes, for the rows each block computes:
+``q`` and ``proj`` on the computed rows; spatial reduction (conv, or pool + 1x1 conv) and ``kv`` on
+the full map; ``QK^T`` and ``AV`` computed-rows x reduced keys; ``fc1`` / ``fc2`` on the computed
+rows and the 3x3 depthwise conv on the full map (9 MACs per hidden channel and position); for
+idle blocks the selection score (mean-token query ``C^2``, ``W_k^T q`` ``C^2``, ``N C`` logits).
+Norms, activations, pooling and bookkeeping are not counted (protocol.md §2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import UnsupportedModelError
+from ..methods.base import ModelInfo, ReductionMethod
+from ..state import ForwardState
+
+try:  # timm >= 1.0
+    from timm.models import pvt_v2 as _pvt
+except ImportError:  # pragma: no cover - guarded by the dependency pin
+    _pvt = None
+
+__all__ = ["PvtV2Adapter", "PyramidInfo", "PyramidState"]
+
+FAMILY = "timm-pvt-v2"
+_REDUCED_CLASSES: dict[type, type] = {}
+
+
+@dataclass(frozen=True)
+class PyramidInfo(ModelInfo):
+    """:class:`ModelInfo` plus the stage layout (``depth`` = all blocks, ``num_patches`` = the first
+    stage's tokens at the default input size, ``embed_dim`` / ``num_heads`` = the last stage's)."""
+
+    stage_depths: tuple[int, ...] = ()
+    stage_dims: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class PyramidState(ForwardState):
+    """:class:`ForwardState` of one stage: ``num_patches = H * W`` of the stage, its ``feat_size``
+    ``(H, W)`` and index; ``records`` carry over from stage to stage."""
+
+    feat_size: tuple[int, int] = (0, 0)
+    stage: int = 0
+
+
+def _overrides(obj: object, base: type, name: str) -> bool:
+    return getattr(type(obj), name) is not getattr(base, name)
+
+
+def _conv_macs(conv: nn.Conv2d, out_positions: int) -> int:
+    return conv.weight.numel() * out_positions  # weight = C_out * C_in / groups * kh * kw
+
+
+def _conv_out(size: tuple[int, int], conv: nn.Conv2d) -> tuple[int, int]:
+    (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+    return (size[0] + 2 * ph - kh) // sh + 1, (size[1] + 2 * pw - kw) // sw + 1
+
+
+class PvtV2Adapter:
+    """Validates a timm ``PyramidVisionTransformerV2`` and installs/removes a method on it."""
+
+    family = FAMILY
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        return _pvt is not None and isinstance(model, _pvt.PyramidVisionTransformerV2)
+
+    def __init__(self, model: nn.Module, check: bool = True) -> None:
+        if check:
+            self._check(model)
+        self.model = model
+
+    # ------------------------------------------------------------------ checks
+    @staticmethod
+    def _check(model: nn.Module) -> None:
+        name = type(model).__name__
+        for fn in ("forward_features", "forward", "forward_head"):
+            if _overrides(model, _pvt.PyramidVisionTransformerV2, fn):
+                raise UnsupportedModelError(
+                    f"{name} overrides PyramidVisionTransformerV2.{fn}; vitrim reduces timm's own PVT-v2 "
+                    f"(pvt_v2_b0..b5, pvt_v2_b2_li), so it cannot keep {name}'s behaviour")
+        for s, stage in enumerate(model.stages):
+            if not isinstance(stage, _pvt.PyramidVisionTransformerStage) or \
+                    _overrides(stage, _pvt.PyramidVisionTransformerStage, "forward"):
+                raise UnsupportedModelError(f"{name}.stages[{s}] is a {type(stage).__name__}; vitrim supports "
+                                            f"timm's pvt_v2.PyramidVisionTransformerStage")
+            for i, block in enumerate(stage.blocks):
+                where = f"{name}.stages[{s}].blocks[{i}]"
+                parts = ((block, _pvt.Block, "block"), (block.attn, _pvt.Attention, "attn"),
+                         (block.mlp, _pvt.MlpWithDepthwiseConv, "mlp"))
+                for module, cls, what in parts:
+                    if not isinstance(module, cls) or _overrides(module, cls, "forward"):
+                        raise UnsupportedModelError(
+                            f"{where} {what} is a {type(module).__name__}; vitrim supports timm's pvt_v2.Block "
+                            f"with pvt_v2.Attention (spatial reduction or linear) and MlpWithDepthwiseConv")
+
+    # ------------------------------------------------------------------ facts
+    def info(self) -> ModelInfo:
+        m = self.model
+        depths = tuple(len(s.blocks) for s in m.stages)
+        dims = tuple(s.blocks[0].attn.dim if len(s.blocks) else 0 for s in m.stages)
+        last = m.stages[-1].blocks[-1].attn
+        h, w = self.stage_sizes()[0]
+        return PyramidInfo(
+            family=FAMILY, depth=sum(depths), embed_dim=last.dim, num_heads=last.num_heads,
+            num_prefix_tokens=0, num_patches=h * w, global_pool=m.global_pool or "",
+            stage_depths=depths, stage_dims=dims,
+        )
+
+    def default_img_size(self) -> tuple[int, int]:
+        cfg = getattr(self.model, "pretrained_cfg", None) or {}
+        size = cfg.get("input_size", (3, 224, 224))
+        return int(size[1]), int(size[2])
+
+    def stage_sizes(self, img_size: Optional[tuple[int, int]] = None) -> list[tuple[int, int]]:
+        """``(H, W)`` of every stage's token map for an input of ``img_size``."""
+        size = self.default_img_size() if img_size is None else img_size
+        size = _conv_out(size, self.model.patch_embed.proj)
+        out = []
+        for stage in self.model.stages:
+            if stage.downsample is not None:
+                size = _conv_out(size, stage.downsample.proj)
+            out.append(size)
+        return out
+
+    def num_patches(self, img_size: Optional[tuple[int, int]] = None) -> int:
+        h, w = self.stage_sizes(img_size)[0]
+        return h * w
+
+    def grid_size(self, img_size: Optional[tuple[int, int]] = None) -> tuple[int, int]:
+        return self.stage_sizes(img_size)[0]
+
+    # ------------------------------------------------------------------ FLOPs
+    def cost_plan(self, img_size: tuple[int, int]) -> dict:
+        """Analytic MACs per block of the model as reduced now (see the module docstring).
+
+        Returns a dict with ``num_tokens`` (first stage), ``embed_macs`` (patch embedding and the
+        stages' downsampling convs), ``head_macs``, ``extra_macs`` and ``layers``: one
+        ``(index, q_rows, kv_rows, mlp_rows, macs)`` per block.
+        """
+        m = self.model
+        method = getattr(m, "vitrim", None)
+        sizes = self.stage_sizes(img_size)
+        size = _conv_out(img_size, m.patch_embed.proj)
+        embed = _conv_macs(m.patch_embed.proj, size[0] * size[1])
+        layers, index = [], 0
+        for stage, (h, w) in zip(m.stages, sizes):
+            n = h * w
+            if stage.downsample is not None:
+                embed += _conv_macs(stage.downsample.proj, n)
+            for block in stage.blocks:
+                keep = None if method is None else method.keep(index, n)
+                rows = n if keep is None else keep
+                layers.append((index, rows, *self._block_macs(block, n, (h, w), rows, keep is not None)))
+                index += 1
+        head = m.head.in_features * m.head.out_features if isinstance(m.head, nn.Linear) else 0
+        return {"num_tokens": sizes[0][0] * sizes[0][1], "embed_macs": embed, "head_macs": head,
+                "extra_macs": 0, "layers": layers}
+
+    @staticmethod
+    def _block_macs(block: nn.Module, n: int, feat: tuple[int, int], rows: int, idle: bool) -> tuple[int, int, int]:
+        """``(kv_rows, mlp_rows, macs)`` of one block computing ``rows`` of its ``n`` tokens."""
+        attn, mlp = block.attn, block.mlp
+        c = attn.dim
+        macs = rows * attn.q.in_features * attn.q.out_features
+        if attn.pool is not None:  # linear SRA: adaptive pool to 7x7, then a 1x1 conv
+            pooled = attn.pool.output_size
+            ph, pw = (pooled, pooled) if isinstance(pooled, int) else pooled
+            m_rows = ph * pw
+            macs += _conv_macs(attn.sr, m_rows)
+        elif attn.sr is not None:
+            oh, ow = _conv_out(feat, attn.sr)
+            m_rows = oh * ow
+            macs += _conv_macs(attn.sr, m_rows)
+        else:
+            m_rows = n
+        macs += m_rows * attn.kv.in_features * attn.kv.out_features
+        macs += 2 * rows * m_rows * c                                   # QK^T and AV
+        macs += rows * attn.proj.in_features * attn.proj.out_features
+        macs += rows * (mlp.fc1.in_features * mlp.fc1.out_features + mlp.fc2.in_features * mlp.fc2.out_features)
+        macs += _conv_macs(mlp.dwconv, n)                               # depthwise 3x3 on the full map
+        if idle:
+            macs += 2 * c * c + n * c                                   # selection score (ops.idle.pvt_scores)
+        return m_rows, rows, macs
+
+    # ------------------------------------------------------------------ install
+    def install(self, method: ReductionMethod) -> None:
+        if FAMILY not in getattr(method, "families", ()):
+            raise UnsupportedModelError(
+                f"method {method.name!r} cannot reduce a pyramid model (PVT-v2 stages need every token in "
+                f"place); accepted on PVT-v2: methods that idle tokens instead of removing them (idle)")
+        model = self.model
+        original = type(model)
+        if original not in _REDUCED_CLASSES:
+            _REDUCED_CLASSES[original] = type(f"Reduced{original.__name__}", (original,), {
+                "forward_tokens": _forward_tokens,
+                "forward_features": _forward_features,
+                "forward": _forward,
+                "forward_with_state": _forward_with_state,
+                "forward_head_with_state": _forward_head_with_state,
+                "forward_intermediates": _forward_intermediates,
+                "_vitrim_original_class": original,
+                "__module__": original.__module__,
+            })
+        model.vitrim = method
+        model.__class__ = _REDUCED_CLASSES[original]
+
+    @staticmethod
+    def uninstall(model: nn.Module) -> None:
+        model.__class__ = type(model)._vitrim_original_class
+        del model.vitrim
+
+
+# ---------------------------------------------------------------------- reduced forward
+def _run_stages(self, x: torch.Tensor, take: Optional[set[int]] = None):
+    """Image -> final stage map ``[B, C, H, W]``, the last stage's state and the requested stage maps."""
+    method: ReductionMethod = self.vitrim
+    x = self.patch_embed(x)                     # [B, H, W, C]
+    records: tuple = ()
+    index = 0
+    state: Optional[PyramidState] = None
+    maps = []
+    for s, stage in enumerate(self.stages):
+        if stage.downsample is not None:
+            x = stage.downsample(x)             # [B, C, H, W] -> [B, H, W, C]
+        B, H, W, C = x.shape
+        x = x.reshape(B, H * W, C)
+        state = PyramidState(num_prefix_tokens=0, num_patches=H * W, records=records, feat_size=(H, W), stage=s)
+        use_ckpt = stage.grad_checkpointing and self.training and not torch.jit.is_scripting()
+        for block in stage.blocks:
+            if use_ckpt:
+                x, state = checkpoint(method.block_forward, block, index, x, state, use_reentrant=False)
+            else:
+                x, state = method.block_forward(block, index, x, state)
+            index += 1
+        records = state.records
+        x = stage.norm(x).reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous()
+        if take is not None and s in take:
+            maps.append(x)
+    method.finish(state)
+    return x, state, maps
+
+
+def _forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, ForwardState]:
+    """Image ``[B, 3, H, W]`` -> the last stage's normed tokens ``[B, H*W, C]`` and the state."""
+    x, state, _ = _run_stages(self, x)
+    return x.flatten(2).transpose(1, 2), state
+
+
+def _forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    return _run_stages(self, x)[0]
+
+
+def _forward_head_with_state(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
+    """The model's own ``forward_head`` on the last stage's map (``[B, C, H, W]``, or its tokens
+    ``[B, H*W, C]`` as returned by ``forward_tokens``): nothing is dropped, so pooling is plain."""
+    if x.ndim == 3:
+        H, W = state.feat_size
+        x = x.reshape(x.shape[0], H, W, -1).permute(0, 3, 1, 2).contiguous()
+    return self.forward_head(x)
+
+
+def _forward_with_state(self, x: torch.Tensor):
+    x, state, _ = _run_stages(self, x)
+    return self.forward_head(x), state
+
+
+def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.forward_head(_run_stages(self, x)[0])
+
+
+def _forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False, stop_early: bool = False,
+                           output_fmt: str = "NCHW", intermediates_only: bool = False):
+    """timm's ``forward_intermediates`` (stage maps, NCHW) on the reduced forward."""
+    from timm.models._features import feature_take_indices
+
+    if output_fmt != "NCHW":
+        raise ValueError("output_fmt must be 'NCHW' for PVT-v2")
+    take, _ = feature_take_indices(len(self.stages), indices)
+    x, _, maps = _run_stages(self, x, set(take))
+    return maps if intermediates_only else (x, maps)

@@ -1,0 +1,185 @@
+"""IdleViT: dynamic token idling (Xu et al., AJCAI 2023). Spec: ``specs/idlevit.md``.
+
+In each idle layer the prefix tokens plus the top-``K`` patch tokens, ranked by this layer's
+head-averaged pre-softmax class logits, go through attention and MLP; the other tokens pass
+through unchanged and are ranked again by the next idle layer. No token is dropped, so every
+token reaches the final norm. No parameters: works on any pretrained timm ViT (fine-tuning with
+the token cut loss, ``vitrim.losses.idle``, recovers the accuracy).
+
+Keep counts compound by stage against the input patch count ``N0``: the idle layers, in order,
+form three consecutive groups of ``ceil(n / 3)`` layers (the last may be shorter) computing
+``floor(N0 * r)``, ``floor(N0 * r^2)`` and ``floor(N0 * r^3)`` patch tokens. Default idle layers:
+blocks ``depth // 4 .. depth - 1``, i.e. 3..11 on 12-block DeiT (the official ``infer.py``),
+4..15 / 5..19 on 16 / 20-block models (the LV-ViT configurations). ``layers=range(4, 12)``
+reproduces the published ``main.py`` (ratios r, r, r, r², r², r², r³, r³).
+
+On PVT-v2 (``timm.create_model("pvt_v2_b*")``, experimental, not from the paper): default idle
+blocks are every block after the first stage, each computing ``floor(N_stage * r)`` tokens (a
+constant rate, as the author's Swin prototype); see ``docs/methods/idlevit.md``.
+
+Training mode runs the masked fixed-shape form and records, per idle layer, the mask and the
+head-mean attention logits (:class:`~vitrim.ops.idle.IdleRecord` in ``state.records``) for the
+token cut loss; eval mode runs the gather/scatter form (real savings) and records the indices.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import OptionError
+from ..ops.idle import (IdleRecord, idle_block_gather, idle_block_masked, keep_count, pvt_idle_block_gather,
+                        pvt_idle_block_masked)
+from ..state import ForwardState
+from .base import BlockTokens, ModelInfo, ReductionMethod, register_method
+
+__all__ = ["IdleViT", "default_idle_layers"]
+
+PYRAMID_FAMILY = "timm-pvt-v2"
+
+
+def default_idle_layers(info: ModelInfo) -> tuple[int, ...]:
+    """ViT: blocks ``depth // 4 .. depth - 1`` (3..11 / 4..15 / 5..19 for depth 12 / 16 / 20);
+    PVT-v2: every block after the first stage."""
+    stage_depths = getattr(info, "stage_depths", None)
+    if info.family == PYRAMID_FAMILY and stage_depths:
+        return tuple(range(stage_depths[0], info.depth))
+    return tuple(range(info.depth // 4, info.depth))
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@register_method
+class IdleViT(ReductionMethod):
+    """Token idling.
+
+    Args:
+        keep_rate: base keep ratio ``r`` in (0, 1]. ViT: idle layers compute ``floor(N0 * r^s)``
+            patch tokens in their ``s``-th group (s = 1, 2, 3); PVT-v2: ``floor(N * r)`` in every
+            idle block. ``1`` runs the original blocks (bit-identical).
+        layers: 0-based indices of the idle blocks, strictly increasing (any sequence or range);
+            ``None``: the default rule (see the module docstring).
+    """
+
+    name = "idle"
+    aliases = ("idlevit",)
+    supported_pools = ("token", "avg", "avgmax", "max", "")
+    #: adapters whose models this method can reduce (the pyramid adapter checks this).
+    families = ("timm-vit", PYRAMID_FAMILY)
+
+    def __init__(self, info: ModelInfo, keep_rate: float = 0.7,
+                 layers: Optional[Sequence[int]] = None) -> None:
+        super().__init__(info)
+        if isinstance(keep_rate, bool) or not isinstance(keep_rate, (int, float)) or not 0.0 < keep_rate <= 1.0:
+            raise OptionError(f"keep_rate must be a number in (0, 1], got {keep_rate!r}; accepted: "
+                              f"0 < keep_rate <= 1 (e.g. 0.7; 1 = the unmodified model)")
+        if info.family != PYRAMID_FAMILY and (info.num_prefix_tokens == 0 or not getattr(info, "has_class_token", True)):
+            raise OptionError("idle needs a class token: IdleViT ranks tokens by the class query's attention "
+                              "logits; accepted: timm ViTs with a class token (deit_*, vit_* with class_token=True)")
+        self.keep_rate = float(keep_rate)
+        self.layers = self._check_layers(layers, info)
+
+    @staticmethod
+    def _check_layers(layers, info: ModelInfo) -> tuple[int, ...]:
+        accepted = (f"accepted: None (default idle layers) or a strictly increasing sequence of block indices "
+                    f"in 0..{info.depth - 1}, e.g. range({info.depth // 4}, {info.depth})")
+        if layers is None:
+            return default_idle_layers(info)
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, (Sequence, range)):
+            raise OptionError(f"layers must be a sequence of block indices, got {layers!r}; {accepted}")
+        layers = tuple(layers)
+        if not layers:
+            raise OptionError(f"layers is empty; {accepted}")
+        if not all(_is_int(i) for i in layers):
+            raise OptionError(f"layers must hold ints, got {layers!r}; {accepted}")
+        bad = [i for i in layers if not 0 <= i < info.depth]
+        if bad:
+            raise OptionError(f"layers {bad} out of range for a model with {info.depth} blocks; {accepted}")
+        if any(b <= a for a, b in zip(layers, layers[1:])):
+            raise OptionError(f"layers must be strictly increasing without duplicates, got {list(layers)}; {accepted}")
+        return layers
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return self._layers
+
+    @layers.setter
+    def layers(self, value: tuple[int, ...]) -> None:
+        self._layers = tuple(value)
+        if self.info.family == PYRAMID_FAMILY:
+            self._exponent = {layer: 1 for layer in self._layers}
+        else:  # three consecutive groups of ceil(n / 3): r, r^2, r^3
+            group = math.ceil(len(self._layers) / 3)
+            self._exponent = {layer: pos // group + 1 for pos, layer in enumerate(self._layers)}
+
+    # ------------------------------------------------------------------ plan
+    def keep(self, index: int, num_patches: int) -> Optional[int]:
+        """``K`` of block ``index`` when ``num_patches`` patch tokens enter it (ViT: the input's
+        ``N0``; PVT-v2: the stage's ``H * W``); ``None`` when the block runs in full."""
+        s = self._exponent.get(index)
+        if s is None:
+            return None
+        k = keep_count(num_patches, self.keep_rate, s)
+        return None if k >= num_patches else k
+
+    def keep_counts(self, num_patches: Optional[int] = None) -> list[Optional[int]]:
+        """Per-block ``K`` (``None`` = full block) for ``num_patches`` input patches (default: the
+        model's own). ViT only; for PVT-v2 use :meth:`keep` with each stage's token count."""
+        n = self.info.num_patches if num_patches is None else num_patches
+        return [self.keep(i, n) for i in range(self.info.depth)]
+
+    # ------------------------------------------------------------------ forward
+    def block_forward(self, block: nn.Module, index: int, x: torch.Tensor,
+                      state: ForwardState) -> tuple[torch.Tensor, ForwardState]:
+        if self.info.family == PYRAMID_FAMILY:
+            return self._pyramid_block(block, index, x, state)
+        keep = self.keep(index, state.num_patches)
+        if keep is None:
+            return block(x), state  # the model's own forward: bit-identical
+        p = state.num_prefix_tokens
+        if block.training:
+            x, idx, mask, logits = idle_block_masked(block, x, keep, p)
+            rec = IdleRecord(index, keep, idx, mask, logits)
+        else:
+            x, idx = idle_block_gather(block, x, keep, p)
+            rec = IdleRecord(index, keep, idx)
+        return x, state.replace(records=state.records + (rec,))
+
+    def _pyramid_block(self, block: nn.Module, index: int, x: torch.Tensor,
+                       state: ForwardState) -> tuple[torch.Tensor, ForwardState]:
+        feat_size = state.feat_size
+        keep = self.keep(index, x.shape[1])
+        if keep is None:
+            return block(x, feat_size), state
+        if block.training:
+            x, idx, mask = pvt_idle_block_masked(block, x, keep, feat_size)
+            rec = IdleRecord(index, keep, idx, mask)
+        else:
+            x, idx = pvt_idle_block_gather(block, x, keep, feat_size)
+            rec = IdleRecord(index, keep, idx)
+        return x, state.replace(records=state.records + (rec,))
+
+    # ------------------------------------------------------------------ accounting
+    def block_tokens(self, num_tokens: int) -> list[BlockTokens]:
+        """ViT plan (idlevit.md §9): an idle block computes Q, V, attention, projection and MLP on
+        ``S = p + K`` rows; ``extra_macs`` counts the keys of the ``T - S`` idle rows, the class
+        query (``C^2``) and the class logits (``T C``). The pyramid adapter prices its own blocks."""
+        p = self.info.num_prefix_tokens
+        n0 = num_tokens - p
+        c = self.info.embed_dim
+        out = []
+        for i in range(self.info.depth):
+            k = self.keep(i, n0)
+            if k is None:
+                out.append(BlockTokens(num_tokens, num_tokens, num_tokens))
+                continue
+            s = k + p
+            out.append(BlockTokens(q=s, kv=s, mlp=s, extra_macs=(num_tokens - s) * c * c + c * c + num_tokens * c))
+        return out
+
+    def final_tokens(self, num_tokens: int) -> int:
+        return num_tokens  # nothing is dropped: every token reaches the final norm

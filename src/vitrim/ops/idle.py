@@ -1,0 +1,358 @@
+"""Token idling (IdleViT, ``specs/idlevit.md`` §3-5) as pure batched functions on a block's own modules.
+
+An idle layer computes only some rows: the prefix tokens plus the top-``K`` patch tokens ranked by
+the head-averaged pre-softmax class logits of this layer. The selected rows go through the block's
+attention and MLP; every other row leaves the layer exactly as it entered ("idle"). Nothing moves
+or disappears, so the next idle layer ranks all patch tokens again.
+
+Two equivalent forms:
+
+* **gather** (inference, real savings): gather the selected rows, run the block on them only,
+  scatter them back to their original positions (out of place; the input is never written).
+* **masked** (training, fixed shape): all rows are computed, idle keys are masked out of the
+  attention and the residual updates of idle rows are discarded; also returns the head-mean
+  logits the token cut loss needs.
+
+ViT functions take a timm ``vision_transformer.Block`` (``norm1``, ``attn`` via
+:mod:`vitrim.ops.attention`, ``ls1``, ``drop_path1``, ``norm2``, ``mlp``, ``ls2``, ``drop_path2``).
+``pvt_*`` functions take a timm ``pvt_v2.Block`` (see ``docs/methods/idlevit.md`` for that design).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import attend, class_attention_logits, project
+
+__all__ = [
+    "IdleRecord", "keep_count", "gather_rows", "scatter_rows", "select_rows", "index_to_mask",
+    "idle_scores", "head_mean_logits", "idle_block_gather", "idle_block_masked",
+    "pvt_scores", "pvt_keys_values", "pvt_mlp", "pvt_idle_block_gather", "pvt_idle_block_masked",
+]
+
+
+@dataclass(frozen=True)
+class IdleRecord:
+    """What one idle layer exposes for losses and pictures (an entry of ``ForwardState.records``).
+
+    Attributes:
+        layer: 0-based block index (flattened over stages for pyramid models).
+        keep: ``K``, patch tokens computed (prefix tokens come on top).
+        index: ``[B, S]`` positions of the computed rows (prefix first, then the top-K, unsorted).
+        mask: ``[B, T]`` bool, True for computed rows; masked (training) form only.
+        logits: ``[B, T, T]`` head-mean of the scaled, unmasked attention logits (cut loss input);
+            masked form of class-token ViTs only.
+    """
+
+    layer: int
+    keep: int
+    index: torch.Tensor
+    mask: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+
+
+def keep_count(num_patches: int, keep_rate: float, exponent: int) -> int:
+    """``K = floor(N0 * r**s)`` in Python floats, as the official code (``196 * 0.7**2 -> 96``)."""
+    return int(num_patches * keep_rate ** exponent)
+
+
+# ---------------------------------------------------------------------- row bookkeeping
+def _flat(index: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """``index: [B, S]`` row positions -> ``[B * S]`` positions in the ``[B * T]`` flattened rows."""
+    offsets = torch.arange(index.shape[0], device=index.device).unsqueeze(1) * num_tokens
+    return (index + offsets).reshape(-1)
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x: [B, T, C]``, ``index: [B, S]`` -> ``[B, S, C]`` rows ``x[b, index[b]]``.
+
+    One ``index_select`` on the flattened rows (an order of magnitude faster on CPU than
+    ``gather`` with an expanded ``[B, S, C]`` index).
+    """
+    B, T, C = x.shape
+    return x.reshape(B * T, C).index_select(0, _flat(index, T)).view(B, index.shape[1], C)
+
+
+def scatter_rows(x: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Copy of ``x: [B, T, C]`` with ``rows: [B, S, C]`` written at ``index: [B, S]`` (out of place)."""
+    B, T, C = x.shape
+    return x.reshape(B * T, C).index_copy(0, _flat(index, T), rows.reshape(-1, C)).view(B, T, C)
+
+
+def select_rows(score: torch.Tensor, keep: int, num_prefix: int) -> torch.Tensor:
+    """Prefix rows plus the ``keep`` best patch rows.
+
+    Args:
+        score: ``[B, N]`` ranking score of the patch tokens (larger = computed).
+        keep: ``K``; num_prefix: ``p`` prefix tokens in front of the patches.
+
+    Returns:
+        ``[B, p + K]`` int64 row positions in the full ``[B, p + N]`` sequence.
+    """
+    top = score.topk(keep, dim=-1, sorted=False).indices + num_prefix
+    if num_prefix == 0:
+        return top
+    prefix = torch.arange(num_prefix, device=score.device).expand(score.shape[0], num_prefix)
+    return torch.cat([prefix, top], dim=1)
+
+
+def index_to_mask(index: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """``index: [B, S]`` -> ``[B, T]`` bool mask of the computed rows."""
+    mask = torch.zeros(index.shape[0], num_tokens, dtype=torch.bool, device=index.device)
+    return mask.scatter(1, index, True)
+
+
+# ---------------------------------------------------------------------- ViT blocks
+def _slice(attn: nn.Module, part: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Weight and bias of the q (0), k (1) or v (2) third of a timm ``Attention.qkv``."""
+    a = attn.attn_dim
+    w = attn.qkv.weight[part * a:(part + 1) * a]
+    b = attn.qkv.bias[part * a:(part + 1) * a] if attn.qkv.bias is not None else None
+    return w, b
+
+
+def _heads(attn: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """``[B, T, A] -> [B, H, T, d]``."""
+    B, T, _ = t.shape
+    return t.reshape(B, T, attn.num_heads, attn.head_dim).transpose(1, 2)
+
+
+def idle_scores(attn: nn.Module, z: torch.Tensor, k: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """IdleViT's ranking score: the head mean of the class query's pre-softmax logits (§3).
+
+    Equal to ``class_attention_logits(attn, z, k).mean(1)`` (:mod:`vitrim.ops.attention`), computed
+    with the identity ``sum_h <q^h, k^h> = <q, k>``: one ``A``-channel dot product per token on
+    token-major keys, so no head transpose of the keys is materialised.
+
+    Args:
+        z: ``[B, T, C]`` the block's ``norm1`` output; k: ``[B, T, A]`` its keys (after ``k_norm``),
+            token-major; num_prefix: ``p``.
+
+    Returns:
+        ``[B, N]`` scores of the patch tokens (class query only, never the full attention matrix).
+    """
+    B, _, A = k.shape
+    w_q, b_q = _slice(attn, 0)
+    q = attn.q_norm(F.linear(z[:, 0], w_q, b_q).reshape(B, attn.num_heads, attn.head_dim))
+    q = q.reshape(B, 1, A) * (attn.scale / attn.num_heads)
+    # multiply-and-sum rather than a [T, A] x [A, 1] bmm: the matrix-vector bmm is ~6x slower on CPU
+    return (k[:, num_prefix:] * q).sum(-1)
+
+
+def _keys(attn: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """Keys of all rows, token-major, after ``k_norm``: ``[B, T, C] -> [B, T, A]``."""
+    B, T, _ = z.shape
+    w_k, b_k = _slice(attn, 1)
+    k = F.linear(z, w_k, b_k)
+    return attn.k_norm(k.reshape(B, T, attn.num_heads, attn.head_dim)).reshape(B, T, -1)
+
+
+def head_mean_logits(attn: nn.Module, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``mean_h (q^h k^hT) * scale`` for ``q, k: [B, H, T, d]`` -> ``[B, T, T]``.
+
+    Uses ``sum_h <q^h, k^h> = <q, k>`` over all channels: one ``[T, A] x [A, T]`` product per sample
+    instead of a per-head ``[H, T, T]`` tensor.
+    """
+    B, H, T, d = q.shape
+    qf = q.transpose(1, 2).reshape(B, T, H * d)
+    kf = k.transpose(1, 2).reshape(B, T, H * d)
+    return (qf @ kf.transpose(1, 2)) * (attn.scale / H)
+
+
+def idle_block_gather(block: nn.Module, x: torch.Tensor, keep: int,
+                      num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One idle layer, inference form (§4).
+
+    Keys for all rows (ranking needs them; the selected rows' keys are reused), the class query,
+    then Q and V, attention, projection and MLP for the ``S = p + K`` selected rows only.
+
+    Args:
+        x: ``[B, T, C]`` tokens entering the block; keep: ``K``; num_prefix: ``p`` (always computed).
+
+    Returns:
+        ``(out [B, T, C], index [B, S])``; ``out`` is a new tensor whose idle rows equal ``x``'s.
+    """
+    attn = block.attn
+    B, T, C = x.shape
+    z = block.norm1(x)
+    k_all = _keys(attn, z)                                          # [B, T, A]
+    index = select_rows(idle_scores(attn, z, k_all, num_prefix), keep, num_prefix)
+    S, A = index.shape[1], k_all.shape[-1]
+    flat = _flat(index, T)                                          # one flat index for every gather and the scatter
+    zs = z.reshape(B * T, C).index_select(0, flat).view(B, S, C)
+    # Q and V of the selected rows in one product (the q and v thirds of the qkv weight)
+    w = attn.qkv.weight.reshape(3, A, -1)[0::2].reshape(2 * A, -1)
+    b = attn.qkv.bias.reshape(3, A)[0::2].reshape(2 * A) if attn.qkv.bias is not None else None
+    q, v = F.linear(zs, w, b).reshape(B, S, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q = attn.q_norm(q)
+    k = _heads(attn, k_all.reshape(B * T, A).index_select(0, flat).view(B, S, A))
+    xs = x.reshape(B * T, C).index_select(0, flat).view(B, S, C)
+    xs = xs + block.drop_path1(block.ls1(project(attn, attend(attn, q, k, v), zs)))
+    xs = xs + block.drop_path2(block.ls2(block.mlp(block.norm2(xs))))
+    return x.reshape(B * T, C).index_copy(0, flat, xs.reshape(B * S, C)).view(B, T, C), index
+
+
+def idle_block_masked(block: nn.Module, x: torch.Tensor, keep: int, num_prefix: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One idle layer, masked fixed-shape training form (§5).
+
+    Every row is computed; every query (idle ones included) attends to the selected keys only;
+    the residual updates of idle rows are discarded (``where``, so idle rows are bit-identical).
+    The selection is computed exactly as in :func:`idle_block_gather`.
+
+    Args:
+        x: ``[B, T, C]``; keep: ``K``; num_prefix: ``p``.
+
+    Returns:
+        ``(out [B, T, C], index [B, S], mask [B, T] bool, logits [B, T, T])`` with ``logits`` the
+        head mean of the scaled, unmasked attention logits (input of the token cut loss).
+    """
+    attn = block.attn
+    B, T, _ = x.shape
+    z = block.norm1(x)
+    # the three projections separately, so the keys (and the ranking) match the gather form exactly
+    k_all = _keys(attn, z)
+    index = select_rows(idle_scores(attn, z, k_all, num_prefix), keep, num_prefix)
+    k = _heads(attn, k_all)
+    mask = index_to_mask(index, T)
+    w_q, b_q = _slice(attn, 0)
+    w_v, b_v = _slice(attn, 2)
+    q = attn.q_norm(_heads(attn, F.linear(z, w_q, b_q)))
+    v = _heads(attn, F.linear(z, w_v, b_v))
+    # dtype minimum, not -inf or -1e5: finite in every dtype (the class key is never masked)
+    key_bias = torch.zeros(B, 1, 1, T, dtype=q.dtype, device=q.device).masked_fill(
+        ~mask[:, None, None, :], torch.finfo(q.dtype).min)
+    rows = mask.unsqueeze(-1)
+    x = torch.where(rows, x + block.drop_path1(block.ls1(project(attn, attend(attn, q, k, v, key_bias), z))), x)
+    x = torch.where(rows, x + block.drop_path2(block.ls2(block.mlp(block.norm2(x)))), x)
+    return x, index, mask, head_mean_logits(attn, q, k)
+
+
+# ---------------------------------------------------------------------- PVT-v2 blocks
+def pvt_scores(attn: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """Ranking score of a PVT-v2 block (no class token): the mean-token query's logits.
+
+    The class query is replaced by the query of the average token (the model pools by averaging),
+    and each token is scored against its own, unreduced key ``W_k z_j + b_k`` (the model's actual
+    key when ``sr_ratio = 1``); head mean of the pre-softmax logits as in IdleViT. Computed as
+    ``z (W_k^T q_mean)``: ``2 C^2 + N C`` MACs, no per-token keys or queries.
+
+    Args:
+        z: ``[B, N, C]`` the block's ``norm1`` output.
+
+    Returns:
+        ``[B, N]`` scores.
+    """
+    C = attn.dim
+    q_mean = attn.q(z.mean(dim=1))                                   # [B, C]
+    w_k = attn.kv.weight[:C]
+    u = q_mean @ w_k                                                  # [B, C]: W_k^T q
+    score = (z @ u.unsqueeze(-1)).squeeze(-1)                         # [B, N]
+    if attn.kv.bias is not None:
+        score = score + (q_mean * attn.kv.bias[:C]).sum(-1, keepdim=True)
+    return score * (attn.scale / attn.num_heads)
+
+
+def pvt_keys_values(attn: nn.Module, z: torch.Tensor, feat_size: tuple[int, int]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of a timm ``pvt_v2.Attention`` from the full map (spatial reduction as timm).
+
+    Args:
+        z: ``[B, N, C]`` all tokens (idle ones with their current values); feat_size: ``(H, W)``.
+
+    Returns:
+        ``k, v: [B, heads, M, d]`` with ``M = N / sr^2`` (or 49 for linear attention).
+    """
+    B, N, C = z.shape
+    H, W = feat_size
+    if attn.pool is not None:  # linear SRA: pool to 7x7, 1x1 conv, norm, GELU
+        m = z.permute(0, 2, 1).reshape(B, C, H, W)
+        m = attn.act(attn.norm(attn.sr(attn.pool(m)).reshape(B, C, -1).permute(0, 2, 1)))
+    elif attn.sr is not None:
+        m = z.permute(0, 2, 1).reshape(B, C, H, W)
+        m = attn.norm(attn.sr(m).reshape(B, C, -1).permute(0, 2, 1))
+    else:
+        m = z
+    kv = attn.kv(m).reshape(B, -1, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    return kv[0], kv[1]
+
+
+def pvt_mlp(mlp: nn.Module, rows: torch.Tensor, index: torch.Tensor, feat_size: tuple[int, int],
+            num_tokens: int) -> torch.Tensor:
+    """timm ``MlpWithDepthwiseConv`` on some rows; the depthwise conv sees zeros at the other rows.
+
+    Idle tokens are absent from the MLP (as they are from the ViT idle layer): ``fc1`` runs on the
+    computed rows only, their hidden features are placed on a zero map for the 3x3 depthwise conv,
+    and the conv output is read back at the computed rows only.
+
+    Args:
+        rows: ``[B, S, C]`` normed rows; index: ``[B, S]`` their positions in the ``H x W`` map.
+        feat_size: ``(H, W)``; num_tokens: ``N = H * W``.
+
+    Returns:
+        ``[B, S, C_out]``.
+    """
+    h = mlp.relu(mlp.fc1(rows))                                       # [B, S, hidden]
+    B, S, hidden = h.shape
+    full = scatter_rows(h.new_zeros(B, num_tokens, hidden), index, h)
+    full = mlp.dwconv(full.transpose(1, 2).reshape(B, hidden, feat_size[0], feat_size[1]))
+    h = gather_rows(full.flatten(2).transpose(1, 2), index)          # [B, S, hidden]
+    return mlp.drop(mlp.fc2(mlp.drop(mlp.act(h))))
+
+
+def _pvt_attend(attn: nn.Module, z: torch.Tensor, rows: torch.Tensor, feat_size: tuple[int, int]) -> torch.Tensor:
+    """Queries of ``rows: [B, S, C]`` against keys/values of the full map ``z: [B, N, C]`` -> ``[B, S, C]``."""
+    B, S, C = rows.shape
+    q = attn.q(rows).reshape(B, S, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k, v = pvt_keys_values(attn, z, feat_size)
+    out = attend(attn, q, k, v).transpose(1, 2).reshape(B, S, C)
+    return attn.proj_drop(attn.proj(out))
+
+
+def pvt_idle_block_gather(block: nn.Module, x: torch.Tensor, keep: int,
+                          feat_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One idle PVT-v2 block, inference form: queries, projection and MLP on the top-K rows only.
+
+    Args:
+        x: ``[B, N, C]`` with ``N = H * W``; keep: ``K``; feat_size: ``(H, W)``.
+
+    Returns:
+        ``(out [B, N, C], index [B, K])``; idle rows of ``out`` equal ``x``'s.
+    """
+    attn = block.attn
+    N = x.shape[1]
+    z = block.norm1(x)
+    index = select_rows(pvt_scores(attn, z), keep, 0)
+    xs = gather_rows(x, index)
+    xs = xs + block.drop_path1(_pvt_attend(attn, z, gather_rows(z, index), feat_size))
+    xs = xs + block.drop_path2(pvt_mlp(block.mlp, block.norm2(xs), index, feat_size, N))
+    return scatter_rows(x, index, xs), index
+
+
+def pvt_idle_block_masked(block: nn.Module, x: torch.Tensor, keep: int, feat_size: tuple[int, int]
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One idle PVT-v2 block, masked fixed-shape form (equal to the gather form on the selected rows).
+
+    Returns:
+        ``(out [B, N, C], index [B, K], mask [B, N] bool)``.
+    """
+    attn = block.attn
+    N = x.shape[1]
+    z = block.norm1(x)
+    index = select_rows(pvt_scores(attn, z), keep, 0)
+    mask = index_to_mask(index, N)
+    rows = mask.unsqueeze(-1)
+    x = torch.where(rows, x + block.drop_path1(_pvt_attend(attn, z, z, feat_size)), x)
+    # idle rows enter the depthwise conv as zeros, exactly as in the gather form
+    h = block.norm2(x)
+    mlp = block.mlp
+    hidden = mlp.relu(mlp.fc1(h)) * rows.to(h.dtype)
+    B, _, Ch = hidden.shape
+    conv = mlp.dwconv(hidden.transpose(1, 2).reshape(B, Ch, feat_size[0], feat_size[1])).flatten(2).transpose(1, 2)
+    out = mlp.drop(mlp.fc2(mlp.drop(mlp.act(conv))))
+    x = torch.where(rows, x + block.drop_path2(out), x)
+    return x, index, mask

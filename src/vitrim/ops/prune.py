@@ -1,0 +1,287 @@
+"""Token pruning as pure, batched tensor functions (EViT, DynamicViT, TPS).
+
+Two forms of the same decision:
+
+* **gather** (inference, and EViT / eTPS always): rank the tokens, keep the top ``K`` by a real
+  gather (MAE-style: the gather indices are returned so the caller can record or undo them),
+  optionally fold the rest into a fused token (EViT) or into their nearest kept token (TPS
+  squeezing);
+* **masked** (DynamicViT / dTPS training): shapes stay fixed, a ``[B, T, 1]`` keep mask (the
+  policy) hides pruned keys inside the attention softmax and squeezing writes into the kept rows.
+
+Shapes: ``B`` batch, ``N`` / ``T`` tokens, ``C`` channels, ``H`` heads, ``d`` head width. Every
+function treats its token axis as "the tokens that may be pruned": callers slice prefix tokens
+(class, distillation, registers) off first, so those are never scored, pruned or fused.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "keep_count_current",
+    "keep_count_original",
+    "class_attention_probs",
+    "rank_tokens",
+    "gather_tokens",
+    "fused_token",
+    "cosine_similarity_matrix",
+    "squeeze_gather",
+    "squeeze_masked",
+    "gumbel_softmax_hard",
+    "masked_mean",
+    "softmax_with_policy",
+    "attend_with_policy",
+]
+
+#: the host's own weight in TPS squeezing: ``exp(cos(x, x)) = e`` (tps.md §3.3)
+E = math.e
+
+
+# ---------------------------------------------------------------------- keep counts
+def keep_count_current(num_tokens: int, rate: float) -> int:
+    """EViT / eTPS rule: ``ceil(rate * n)`` of the **current** patch-token count ``n``.
+
+    >>> keep_count_current(196, 0.7), keep_count_current(139, 0.7)
+    (138, 98)
+    """
+    return min(num_tokens, math.ceil(rate * num_tokens))
+
+
+def keep_count_original(num_patches: int, ratio: float) -> int:
+    """DynamicViT / dTPS rule: ``int(N0 * rho_s)`` of the **original** count ``N0`` (Python float,
+    truncated), at least one token.
+
+    >>> [keep_count_original(196, 0.7 ** s) for s in (1, 2, 3)]
+    [137, 96, 67]
+    """
+    return max(1, min(num_patches, int(num_patches * ratio)))
+
+
+# ---------------------------------------------------------------------- scores
+def class_attention_probs(logits: torch.Tensor) -> torch.Tensor:
+    """EViT's score: head-mean of the **post-softmax** class attention.
+
+    ``logits: [B, H, T]`` class-query logits (scaled, e.g. ``ops.attention.class_attention_logits``)
+    -> ``[B, T]``. Unlike IdleViT (head-mean of pre-softmax logits) a head with one sharp peak
+    cannot dominate through large negative logits.
+    """
+    return logits.softmax(dim=-1).mean(dim=1)
+
+
+# ---------------------------------------------------------------------- gather form
+def rank_tokens(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split tokens by score: the top ``k`` and the rest, both in descending score order.
+
+    Args:
+        scores: ``[B, N]``; higher = more important.
+        k: tokens to keep, ``0 <= k <= N``.
+
+    Returns:
+        ``(keep_index [B, k], rest_index [B, N - k])`` (int64). A stable sort, so ties go to the
+        lower index and each sample's result does not depend on the rest of the batch.
+    """
+    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
+    return order[:, :k], order[:, k:]
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor, num_prefix_tokens: int = 0) -> torch.Tensor:
+    """Rows of ``x`` picked per sample, MAE-style (one gather; ``index`` is the record of the choice).
+
+    Args:
+        x: ``[B, N, *]``.
+        index: ``[B, K]`` rows to take, counted **after** the first ``num_prefix_tokens`` rows.
+        num_prefix_tokens: rows kept in front, unchanged (class, distillation, register tokens);
+            taken by the same gather, so no concatenation is needed.
+
+    Returns:
+        ``[B, num_prefix_tokens + K, *]``: the prefix rows, then ``x[b, num_prefix_tokens + index[b]]``.
+    """
+    if num_prefix_tokens:
+        prefix = torch.arange(num_prefix_tokens, device=index.device, dtype=index.dtype)
+        index = torch.cat([prefix.expand(index.shape[0], -1), index + num_prefix_tokens], dim=1)
+    idx = index.reshape(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return torch.gather(x, 1, idx)
+
+
+def fused_token(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """EViT's fused token: the **unnormalised** weighted sum of tokens.
+
+    Args:
+        x: ``[B, N, C]`` tokens.
+        weights: ``[B, N]`` class-attention scores of the inattentive tokens and 0 for the kept
+            ones (not renormalised, evit.md §1: the token's scale is the inattentive tokens' total
+            attention mass). Zeroing the kept weights instead of gathering the inattentive rows
+            saves a copy; adding exact zeros does not change the sum.
+
+    Returns:
+        ``[B, 1, C]``: ``sum_j weights_j * x_j``.
+    """
+    return torch.bmm(weights.unsqueeze(1).to(x.dtype), x)
+
+
+def cosine_similarity_matrix(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``a: [B, M, C], b: [B, R, C] -> [B, M, R]``: ``a_i . b_j / ((|a_i| + eps)(|b_j| + eps))``.
+
+    The dot products are taken first and divided by the norms afterwards, so no normalised copy
+    of the (large) token tensors is made.
+    """
+    na = torch.linalg.vector_norm(a, dim=-1).add(eps)
+    nb = torch.linalg.vector_norm(b, dim=-1).add(eps)
+    return (a @ b.transpose(-2, -1)) / (na.unsqueeze(-1) * nb.unsqueeze(-2))
+
+
+def _absorb(hosts: torch.Tensor, src: torch.Tensor, host_index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``y_j = (e x_j + sum_i w_i x_i) / (e + sum_i w_i)`` over the ``i`` with ``host_index_i = j``.
+
+    Computed as ``y = (A / D) @ src + x * (e / D)`` with the ``[B, R, M]`` assignment matrix
+    ``A_ji = w_i [host_index_i = j]`` and ``D_j = e + sum_i A_ji``: one small matmul and one
+    multiply-add over the hosts. A host that receives nothing has ``D = e``, ``e / D = 1``
+    exactly and a zero row in ``A``, so it is returned bit-identical (tps.md §12.2).
+
+    Args:
+        hosts: ``[B, R, C]``; src: ``[B, M, C]``; host_index: ``[B, M]`` into ``R``;
+        weight: ``[B, M]`` (0 for rows that are not absorbed).
+    """
+    B, R = hosts.shape[:2]
+    w = weight.to(hosts.dtype).unsqueeze(1)                                   # [B, 1, M]
+    assign = torch.zeros(B, R, w.shape[-1], dtype=w.dtype, device=w.device).scatter(1, host_index.unsqueeze(1), w)
+    den = assign.sum(dim=-1, keepdim=True) + E                                # [B, R, 1]
+    return torch.addcmul((assign / den) @ src, hosts, E / den)
+
+
+def squeeze_gather(reserved: torch.Tensor, pruned: torch.Tensor, eps: float = 1e-6,
+                   num_protected: int = 0) -> torch.Tensor:
+    """TPS squeezing, gather form (tps.md §3.8): each pruned token joins its most similar reserved token.
+
+    Args:
+        reserved: ``[B, R, C]`` kept tokens (the hosts), at least one after the protected rows.
+        pruned: ``[B, M, C]`` tokens pruned at this stage.
+        eps: added to the norms in the cosine similarity.
+        num_protected: leading rows of ``reserved`` (prefix tokens) that are never hosts and
+            are returned unchanged, so a caller can squeeze ``[prefix; kept]`` in one go.
+
+    Returns:
+        ``[B, R, C]``: host ``j`` becomes ``(e x_j + sum_{i -> j} exp(c_ij) x_i) / (e + sum exp(c_ij))``
+        with ``c`` the cosine similarity of the full features; ``i -> j`` is the unidirectional
+        nearest neighbour (first index on ties). Hosts that absorb nothing and protected rows
+        are bit-identical to the input.
+    """
+    if pruned.shape[1] == 0:
+        return reserved
+    sim, host = cosine_similarity_matrix(pruned, reserved[:, num_protected:], eps).max(dim=-1)   # [B, M]
+    return _absorb(reserved, pruned, host + num_protected, sim.exp())
+
+
+def squeeze_masked(x: torch.Tensor, keep: torch.Tensor, pruned_now: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """TPS squeezing, masked fixed-shape form (tps.md §3.9, dTPS training).
+
+    Args:
+        x: ``[B, N, C]`` patch tokens (all positions, alive or not).
+        keep: ``[B, N, 1]`` 0/1 tokens kept at this stage (the only possible hosts). Used as a
+            boolean column mask, so it carries no gradient here.
+        pruned_now: ``[B, N, 1]`` 0/1 tokens pruned at this stage (``(1 - keep) * prev``); it
+            multiplies the absorption weights, so a straight-through Gumbel gradient reaches
+            the predictor through squeezing.
+
+    Returns:
+        ``[B, N, C]``: kept rows squeezed as in :func:`squeeze_gather` (equal to it on the kept
+        rows, to float rounding); every other row (pruned now, dead before, unmatched hosts) is
+        bit-identical to ``x``. A sample with no kept token is returned unchanged.
+    """
+    sim = cosine_similarity_matrix(x, x, eps)                                   # [B, N, N]
+    sim = sim.masked_fill(keep.transpose(1, 2) <= 0, float("-inf"))
+    best, host = sim.max(dim=-1)                                               # [B, N]
+    has_host = torch.isfinite(best)
+    weight = torch.where(has_host, best, torch.zeros_like(best)).exp() * has_host * pruned_now[..., 0]
+    return _absorb(x, x, host, weight)
+
+
+# ---------------------------------------------------------------------- learned decisions
+def gumbel_softmax_hard(logits: torch.Tensor, tau: float = 1.0, dim: int = -1,
+                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Straight-through Gumbel-softmax: one-hot forward values, soft-sample gradients.
+
+    Args:
+        logits: ``[..., K]`` unnormalised log-probabilities (DynamicViT: log-softmax over keep/drop).
+        tau: temperature of the soft sample.
+
+    Returns:
+        ``[..., K]`` with forward values exactly 0 or 1 (``hard + (soft - soft.detach())``, so no
+        ``1 - s + s`` rounding), backward through ``softmax((logits + g) / tau)``. The Gumbel noise
+        ``-log(Exp(1))`` is clamped away from ``log(0)`` instead of redrawn, so it is always
+        finite without a data-dependent loop (same distribution up to measure zero).
+    """
+    u = torch.empty_like(logits).exponential_(generator=generator)
+    gumbels = -u.clamp_min(torch.finfo(u.dtype).tiny).log()
+    soft = ((logits + gumbels) / tau).softmax(dim)
+    hard = F.one_hot(soft.argmax(dim), soft.shape[dim]).to(soft.dtype)
+    if dim not in (-1, soft.dim() - 1):
+        hard = hard.movedim(-1, dim)
+    return hard + (soft - soft.detach())
+
+
+def masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean over tokens of the rows where ``mask`` is 1: ``x: [B, N, C], mask: [B, N, 1] -> [B, 1, C]``.
+
+    ``mask=None`` is the plain mean. A sample with no row left gets 0 (not NaN).
+    """
+    if mask is None:
+        return x.mean(dim=1, keepdim=True)
+    mask = mask.to(x.dtype)
+    return (x * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp_min(1e-6)
+
+
+# ---------------------------------------------------------------------- masked attention
+def _policy_keys(policy: torch.Tensor) -> torch.Tensor:
+    """``[B, T, 1]`` policy -> ``[B, 1, T, T]`` allowed keys ``G_ij = P_j + (1 - P_j) delta_ij``."""
+    T = policy.shape[1]
+    p = policy.reshape(policy.shape[0], 1, 1, T)
+    eye = torch.eye(T, dtype=p.dtype, device=p.device)
+    return p + (1 - p) * eye
+
+
+def softmax_with_policy(logits: torch.Tensor, policy: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """DynamicViT's "softmax with policy" (dynamicvit.md §4): attention that ignores pruned keys.
+
+    Args:
+        logits: ``[B, H, T, T]`` pre-softmax attention ``QK^T / sqrt(d)``.
+        policy: ``[B, T, 1]`` keep mask (1 = alive; prefix tokens are 1). Differentiable: it
+            multiplies the exponentials, which is how attention trains the predictor.
+        eps: keeps rows finite; the reference value 1e-6.
+
+    Returns:
+        ``[B, H, T, T]`` ``(exp(A - max) G + eps / T) / (sum exp(A - max) G + eps)``, computed in
+        fp32 and cast back. Alive queries see alive keys only; a dead query sees the alive keys
+        and itself. Rows sum to 1.
+    """
+    T = logits.shape[-1]
+    a = logits.float()
+    a = (a - a.amax(dim=-1, keepdim=True)).exp() * _policy_keys(policy.float())
+    return ((a + eps / T) / (a.sum(dim=-1, keepdim=True) + eps)).to(logits.dtype)
+
+
+def attend_with_policy(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       policy: torch.Tensor) -> torch.Tensor:
+    """Attention of a timm ``Attention`` module's ``q, k, v: [B, H, T, d]`` under a keep policy.
+
+    When the policy needs a gradient (training with a predictor), the explicit eps formula of
+    :func:`softmax_with_policy` is used (a boolean mask would cut the predictor's gradient).
+    Otherwise, on the fused path, SDPA runs with the allowed keys as a ``0 / -inf`` mask (the
+    spec's allowed fast path; it differs by the eps terms, ~1e-6).
+
+    Returns:
+        ``[B, H, T, d]``.
+    """
+    needs_grad = torch.is_grad_enabled() and policy.requires_grad
+    if attn.fused_attn and not needs_grad:
+        allowed = _policy_keys(policy) > 0
+        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                              dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    logits = (q * attn.scale) @ k.transpose(-2, -1)
+    return attn.attn_drop(softmax_with_policy(logits, policy)) @ v

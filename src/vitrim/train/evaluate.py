@@ -1,0 +1,63 @@
+"""Top-1 / top-5 and images/s of a model on an ImageFolder, with timm's eval transform."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["EvalResult", "evaluate"]
+
+
+@dataclass
+class EvalResult:
+    top1: float
+    top5: float
+    images: int
+    img_per_s: float
+    loss: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = False, progress: bool = False,
+             desc: str = "eval", all_reduce: bool = False) -> EvalResult:
+    """Single centre-crop accuracy.
+
+    ``all_reduce=True`` sums the counts over the process group: every rank must then call this
+    with its own shard of the data. Leave it False when one rank evaluates the whole split.
+    """
+    from tqdm import tqdm
+
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, n, loss sum
+    seconds = 0.0
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16) \
+        if amp else torch.autocast(device.type, enabled=False)
+    for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        with autocast:
+            logits = model(images)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds += time.perf_counter() - start
+        logits = logits.float()
+        k = min(5, logits.shape[-1])
+        top = logits.topk(k, dim=-1).indices
+        hit = top == targets[:, None]
+        totals[0] += hit[:, 0].sum()
+        totals[1] += hit.any(dim=-1).sum()
+        totals[2] += targets.numel()
+        totals[3] += nn.functional.cross_entropy(logits, targets, reduction="sum")
+    if all_reduce and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    n = max(totals[2].item(), 1)
+    return EvalResult(top1=100 * totals[0].item() / n, top5=100 * totals[1].item() / n, images=int(totals[2].item()),
+                      img_per_s=totals[2].item() / max(seconds, 1e-9), loss=totals[3].item() / n)

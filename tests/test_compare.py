@@ -1,0 +1,76 @@
+"""vitrim compare on the embedded default: rows, CSV, Markdown and the plots."""
+import argparse
+import csv
+
+import pytest
+
+from vitrim.compare import (add_compare_parser, compare, default_sweep, markdown_table, pareto_front,
+                            parse_checkpoints, parse_sweep)
+from vitrim.errors import VitrimError
+
+
+def test_default_sweeps_fit_the_model():
+    assert default_sweep("tome", 12, 196) == [{"r": 8}, {"r": 13}, {"r": 16}]   # DeiT-S
+    assert default_sweep("tome", 12, 64) == [{"r": 2}, {"r": 4}, {"r": 5}]      # the embedded model
+    assert default_sweep("idle", 12, 64) == [{"keep_rate": 0.9}, {"keep_rate": 0.7}, {"keep_rate": 0.5}]
+
+
+def test_parsers():
+    assert parse_sweep("tome:r=2,4; evit:keep_rate=0.7") == {"tome": [{"r": 2}, {"r": 4}],
+                                                             "evit": [{"keep_rate": 0.7}]}
+    with pytest.raises(VitrimError, match="METHOD:OPTION"):
+        parse_sweep("tome=2")
+    with pytest.raises(VitrimError, match="does not exist"):
+        parse_checkpoints(["idle:0.7=/nonexistent/best.pt"])
+
+
+def test_pareto_front():
+    pts = [(1.0, 80.0), (2.0, 90.0), (1.5, 70.0), (3.0, 90.0), (0.5, 60.0)]
+    assert pareto_front(pts, lower_x_better=True) == [4, 0, 1]
+    assert pareto_front(pts, lower_x_better=False) == [3]
+
+
+def test_compare_embedded_default(tmp_path):
+    out = tmp_path / "report"
+    sweeps = {"tome": [{"r": 4}], "evit": [{"keep_rate": 0.7}], "etps": [{"keep_rate": 0.7}],
+              "dtps": [{"keep_rate": 0.7}], "dynamicvit": [{"keep_rate": 0.7}], "idle": [{"keep_rate": 0.7}]}
+    res = compare(sweeps=sweeps, batch_sizes=[2], warmup=1, repeats=1, iters=1, max_images=40,
+                  output=str(out), progress=False)
+    assert res.batch_sizes == [1, 2] and res.images == 40
+    assert [(r.method, r.setting) for r in res.rows] == [
+        ("none", "-"), ("tome", "r=4"), ("evit", "keep_rate=0.7"), ("etps", "keep_rate=0.7"),
+        ("dtps", "keep_rate=0.7"), ("dynamicvit", "keep_rate=0.7"), ("idle", "keep_rate=0.7")]
+    base = res.rows[0]
+    assert base.top1 > 80 and all(0 <= r.top1 <= 100 for r in res.rows)
+    assert all(r.gmacs < base.gmacs for r in res.rows[1:])
+    assert base.speedup[2] == 1.0 and all(r.latency_ms > 0 and r.img_per_s[2] > 0 for r in res.rows)
+    assert res.rows[5].params_m > base.params_m  # DynamicViT's predictors are counted
+    with open(out / "results.csv") as f:
+        lines = list(csv.DictReader(f))
+    assert [l["method"] for l in lines] == [r.method for r in res.rows]
+    assert float(lines[1]["gmacs"]) == pytest.approx(res.rows[1].gmacs)
+    md = (out / "results.md").read_text()
+    assert markdown_table(res) in md and md.count("\n| ") == len(res.rows) + 1
+    for name in ("acc_vs_gmacs.png", "acc_vs_throughput.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (out / name).stat().st_size > 10_000
+
+
+def test_cli_checkpoint_row(tmp_path, capsys):
+    import torch
+
+    import vitrim
+    from vitrim.models import create_model
+
+    ckpt = tmp_path / "idle.pt"
+    torch.save(vitrim.apply(create_model("vitrim_vit_digits", pretrained=True), "idle", keep_rate=0.9).state_dict(),
+               ckpt)
+    p = argparse.ArgumentParser()
+    add_compare_parser(p.add_subparsers())
+    args = p.parse_args(["compare", "--methods", "idle", "--sweep", "idle:keep_rate=0.5", "--batch-size", "2",
+                         "--repeats", "1", "--warmup", "0", "--iters", "1", "--max-images", "20",
+                         "--checkpoint", f"idle:0.9={ckpt}", "--output", str(tmp_path / "r")])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "| idle | keep_rate=0.9 | " + str(ckpt) in out and "| idle | keep_rate=0.5 | off-the-shelf" in out
+    assert "wrote " + str(tmp_path / "r" / "acc_vs_gmacs.png") in out
