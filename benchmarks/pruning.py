@@ -32,9 +32,10 @@ def main() -> int:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=9, help="timed repetitions, median reported (default: 9)")
-    p.add_argument("--iters", type=int, default=2,
-                   help="forwards per model per repetition (default: 2: short, interleaved samples)")
+    p.add_argument("--repeats", type=int, default=15, help="timed repetitions, median reported (default: 15)")
+    p.add_argument("--iters", type=int, default=1,
+                   help="forwards per model per repetition (default: 1: short, finely interleaved samples, so "
+                        "a burst of load on a shared machine hits every model alike)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     args = p.parse_args()
     if args.threads:

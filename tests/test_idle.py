@@ -372,3 +372,15 @@ def test_compiled_equals_eager(_reset_dynamo):
         for seed in range(2):
             x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
             torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_bf16_autocast(train):
+    from vitrim.losses import idle_cut_loss
+
+    model = vitrim.apply(small_vit(depth=4), "idle", keep_rate=0.5).train(train)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, state = vitrim.forward_with_state(model, X)
+        cut = idle_cut_loss(state)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert torch.isfinite(cut) and (cut > 0) == train

@@ -220,3 +220,11 @@ def test_no_graph_breaks():
         assert explained.graph_break_count == 0, explained.break_reasons
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_bf16_autocast(train):
+    model = vitrim.apply(small_pvt(), "idle", keep_rate=0.5).train(train)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(X)
+    assert torch.isfinite(out.float()).all()

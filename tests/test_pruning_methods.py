@@ -423,3 +423,17 @@ def test_plain_pruning_never_modifies_kept_tokens(method):
             from vitrim.methods._pruning import attention_residual
             kept, source = seen["mid"][:, 1:], attention_residual(blk, seen["in"])[0][:, 1:]
     assert torch.equal(kept, source.gather(1, rec.index[..., None].expand(-1, -1, source.shape[-1])))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bf16_models_and_autocast(method):
+    model = vitrim.apply(vit(depth=4).to(torch.bfloat16), method, keep_rate=0.5, locations=(1, 2))
+    xb = X.to(torch.bfloat16)
+    with torch.no_grad():
+        assert model(xb).dtype == torch.bfloat16
+    model.train()
+    model(xb).float().sum().backward()  # fp32 predictors (built after the cast) run in their own dtype
+    model = vitrim.apply(vit(depth=4), method, keep_rate=0.5, locations=(1, 2))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(X)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()

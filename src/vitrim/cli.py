@@ -1,4 +1,5 @@
-"""``vitrim`` command line: ``bench``, ``flops``, ``train``, ``eval``, ``export``, ``data``, ``methods``, ``recipes``.
+"""``vitrim`` command line: ``compare``, ``bench``, ``flops``, ``train``, ``eval``, ``visualize``, ``export``,
+``data``, ``methods``, ``recipes``.
 
 Method options are given as ``--<option> VALUE`` with Python literal values, e.g.
 ``--method tome --r 13``, ``--r "(16, -1)"``, ``--r "[25, 25, 25]"``, ``--prop-attn False``.
@@ -48,6 +49,8 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: Optional[str] = D
     g.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs the hub or its cache)")
     g.add_argument("--checkpoint", metavar="PATH", help="load a local state dict into the model")
     g.add_argument("--img-size", type=int, help="input resolution (default: the model's own)")
+    g.add_argument("--target-gmacs", type=float, metavar="G",
+                   help="solve the method's strength (r or keep rate) for this GMACs budget (vitrim.solve)")
     g.add_argument("--method", default=default_method,
                    help=f"reduction method: {', '.join(method_names())}, or 'none' (default: {default_method})")
     o = p.add_argument_group("method options (Python literals)")
@@ -67,6 +70,8 @@ def _method_options(args: argparse.Namespace, defaults: bool = True) -> dict[str
     if wrong:
         raise VitrimError(f"option(s) {', '.join('--' + w.replace('_', '-') for w in wrong)} do not apply to "
                           f"method {cls.name!r}; accepted: {', '.join('--' + a.replace('_', '-') for a in accepted)}")
+    if getattr(args, "target_gmacs", None) is not None:
+        return {**given, "target_gmacs": args.target_gmacs}
     return {**(DEFAULT_METHOD_OPTIONS.get(cls.name, {}) if defaults else {}), **given}
 
 
@@ -370,9 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 
+    from .compare import add_compare_parser
     from .export import add_export_parser
+    from .visualize import add_visualize_parser
 
+    add_compare_parser(sub)
     add_export_parser(sub)
+    add_visualize_parser(sub)
 
     p = sub.add_parser("data", help="build the embedded digits dataset (ImageFolder) offline")
     p.add_argument("--output", help="folder (default: $VITRIM_HOME/digits64 or ~/.cache/vitrim/digits64)")

@@ -296,7 +296,8 @@ def add_visualize_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
                     "No IMAGE: a digits canvas for the embedded model, else scikit-image's astronaut.")
     p.add_argument("image", nargs="?", help="image file (default: see above)")
     _add_model_args(p, default_model=None, default_method="tome")
-    p.add_argument("--target-gmacs", type=float, help="solve the strength option for this budget (vitrim.solve)")
+    if "--target-gmacs" not in p._option_string_actions:  # until _add_model_args carries it
+        p.add_argument("--target-gmacs", type=float, help="solve the strength option for this budget (vitrim.solve)")
     p.add_argument("--show-layers", type=_int_list, metavar="I,J,...", help="0-based blocks to draw")
     p.add_argument("--output", "-o", default="vis.png", help="PNG to write (default: vis.png)")
     p.set_defaults(func=cmd_visualize)
@@ -326,7 +327,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     pretrained = args.pretrained or (name == EMBEDDED_MODEL and not args.checkpoint)
     model = create_model(name, pretrained=pretrained, checkpoint=args.checkpoint, img_size=args.img_size).eval()
     options = _method_options(args, defaults=False)
-    if args.target_gmacs is not None:
+    if getattr(args, "target_gmacs", None) is not None:
         options["target_gmacs"] = args.target_gmacs
     elif not options or (args.method == "tome" and "r" not in options):
         options = {**_default_strength(args.method, model), **options}

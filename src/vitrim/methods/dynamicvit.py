@@ -71,7 +71,8 @@ class ScorePredictor(nn.Module):
         Returns:
             ``[B, N, 2]`` log-probabilities ``[keep, drop]``.
         """
-        h = F.gelu(self.proj(self.norm(x)))
+        # in the predictor's own dtype: a model cast to bf16/fp16 before apply keeps fp32 predictors
+        h = F.gelu(self.proj(self.norm(x.to(self.proj.weight.dtype))))
         half = h.shape[-1] // 2
         glob = masked_mean(h[:, num_prefix_tokens:, half:], mask)               # [B, 1, C - C/2]
         # head.0 on concat(local, glob): the glob half is one row per sample, so it is applied

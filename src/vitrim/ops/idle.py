@@ -251,7 +251,7 @@ def pvt_scores(attn: nn.Module, z: torch.Tensor) -> torch.Tensor:
     q_mean = attn.q(z.mean(dim=1))                                   # [B, C]
     w_k = attn.kv.weight[:C]
     u = q_mean @ w_k                                                  # [B, C]: W_k^T q
-    score = (z @ u.unsqueeze(-1)).squeeze(-1)                         # [B, N]
+    score = (z * u.unsqueeze(1)).sum(-1)                              # [B, N]; not a slow matrix-vector bmm
     if attn.kv.bias is not None:
         score = score + (q_mean * attn.kv.bias[:C]).sum(-1, keepdim=True)
     return score * (attn.scale / attn.num_heads)
@@ -298,7 +298,10 @@ def pvt_mlp(mlp: nn.Module, rows: torch.Tensor, index: torch.Tensor, feat_size: 
     """
     h = mlp.relu(mlp.fc1(rows))                                       # [B, S, hidden]
     B, S, hidden = h.shape
-    full = scatter_rows(h.new_zeros(B, num_tokens, hidden), index, h)
+    # written in place: the zero map is this function's own buffer (an out-of-place copy of a
+    # map this size costs as much as the depthwise conv on this memory-bound path)
+    full = h.new_zeros(B * num_tokens, hidden).index_copy_(0, _flat(index, num_tokens), h.reshape(B * S, hidden))
+    full = full.view(B, num_tokens, hidden)
     full = mlp.dwconv(full.transpose(1, 2).reshape(B, hidden, feat_size[0], feat_size[1]))
     h = gather_rows(full.flatten(2).transpose(1, 2), index)          # [B, S, hidden]
     return mlp.drop(mlp.fc2(mlp.drop(mlp.act(h))))

@@ -126,16 +126,41 @@ def data_config(model: torch.nn.Module) -> DataConfig:
                       cfg["crop_pct"])
 
 
+def _posterize_zero_safe(img, bits_to_keep, **_):
+    """timm's posterize, with ``bits_to_keep = 0`` giving the black image older Pillow gave.
+
+    timm's ``PosterizeIncreasing`` reaches 0 bits at magnitude 10 (``rand-m9-mstd0.5`` draws it),
+    and Pillow >= 13 rejects 0; this keeps the DeiT recipe running with the old result.
+    """
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _fix_posterize(transform) -> None:
+    """Swap the posterize ops of every RandAugment/AutoAugment inside ``transform`` (this object only)."""
+    for t in getattr(transform, "transforms", [transform]):
+        for op in getattr(t, "ops", []) or []:
+            if str(getattr(op, "name", "")).startswith("Posterize"):
+                op.aug_fn = _posterize_zero_safe
+
+
 def train_transform(model: torch.nn.Module, recipe):
     from timm.data import create_transform
 
     cfg = data_config(model)
-    return create_transform(
+    transform = create_transform(
         input_size=cfg.input_size, is_training=True, scale=recipe.scale, hflip=recipe.hflip,
         color_jitter=recipe.color_jitter or None, auto_augment=recipe.auto_augment,
         interpolation=recipe.interpolation, mean=cfg.mean, std=cfg.std,
         re_prob=recipe.reprob, re_mode=recipe.remode, re_count=recipe.recount,
     )
+    _fix_posterize(transform)
+    return transform
 
 
 def eval_transform(model: torch.nn.Module):

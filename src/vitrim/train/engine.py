@@ -235,6 +235,13 @@ def train(cfg: TrainConfig) -> dict:
     if distributed:
         student = nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None)
+    # EViT keep-rate warm-up (evit.md §3): recomputed from the global iteration at every step, so a
+    # resumed run follows the same rates; the fine-tune preset (0, 0) keeps the target from step 0.
+    shrink_target = None
+    if cfg.method == "evit" and (recipe.shrink_start_epoch or recipe.shrink_epochs):
+        shrink_target = method_module.options()["keep_rate"]
+        if not isinstance(shrink_target, float):
+            raise VitrimError("the EViT keep-rate warm-up needs a single keep_rate, not per-stage rates")
     row: dict = {}
     for epoch in range(start_epoch, recipe.epochs):
         loader.sampler.set_epoch(epoch + 100_003 * cfg.seed)
@@ -244,7 +251,14 @@ def train(cfg: TrainConfig) -> dict:
         seen, t0 = 0, time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", disable=not (cfg.progress and _is_main()),
                    leave=False, dynamic_ncols=True)
-        for images, targets in bar:
+        for step, (images, targets) in enumerate(bar):
+            if shrink_target is not None:
+                from ..methods.evit import keep_rate_schedule
+
+                rate = keep_rate_schedule(epoch * len(loader) + step, len(loader), shrink_target,
+                                          recipe.shrink_start_epoch, recipe.shrink_epochs)
+                if rate != method_module.options()["keep_rate"]:
+                    method_module.update(keep_rate=rate)
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             if mixup is not None:
                 images, targets = mixup(images, targets)
