@@ -78,12 +78,19 @@ def _method_options(args: argparse.Namespace, defaults: bool = True) -> dict[str
 def _build(args: argparse.Namespace):
     from .models import create_model
 
-    base = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, img_size=args.img_size)
+    from .models import load_checkpoint
+
+    base = create_model(args.model, pretrained=args.pretrained, img_size=args.img_size)
     base.eval()
     options = _method_options(args)
     reduced = None
     if args.method not in ("none", ""):
         reduced = api.apply(copy.deepcopy(base), args.method, **options)
+    if args.checkpoint:
+        # after apply, so a checkpoint of a reduced model (with vitrim.* predictor weights) loads too
+        if reduced is not None:
+            load_checkpoint(reduced, args.checkpoint)
+        load_checkpoint(base, args.checkpoint, ignore_prefix="vitrim.")
     if not (args.pretrained or args.checkpoint):
         print(f"note: {args.model} has random weights (no --pretrained/--checkpoint): "
               f"FLOPs and speed are valid, accuracy is not", file=sys.stderr)

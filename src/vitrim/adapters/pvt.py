@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import UnsupportedModelError
 from ..methods.base import ModelInfo, ReductionMethod
 from ..state import ForwardState
+from ._install import install_reduced_class, uninstall_reduced_class
 
 try:  # timm >= 1.0
     from timm.models import pvt_v2 as _pvt
@@ -38,8 +39,6 @@ except ImportError:  # pragma: no cover - guarded by the dependency pin
 __all__ = ["PvtV2Adapter", "PyramidInfo", "PyramidState"]
 
 FAMILY = "timm-pvt-v2"
-_REDUCED_CLASSES: dict[type, type] = {}
-
 
 @dataclass(frozen=True)
 class PyramidInfo(ModelInfo):
@@ -205,26 +204,18 @@ class PvtV2Adapter:
             raise UnsupportedModelError(
                 f"method {method.name!r} cannot reduce a pyramid model (PVT-v2 stages need every token in "
                 f"place); accepted on PVT-v2: methods that idle tokens instead of removing them (idle)")
-        model = self.model
-        original = type(model)
-        if original not in _REDUCED_CLASSES:
-            _REDUCED_CLASSES[original] = type(f"Reduced{original.__name__}", (original,), {
-                "forward_tokens": _forward_tokens,
-                "forward_features": _forward_features,
-                "forward": _forward,
-                "forward_with_state": _forward_with_state,
-                "forward_head_with_state": _forward_head_with_state,
-                "forward_intermediates": _forward_intermediates,
-                "_vitrim_original_class": original,
-                "__module__": original.__module__,
-            })
-        model.vitrim = method
-        model.__class__ = _REDUCED_CLASSES[original]
+        install_reduced_class(self.model, method, self.family, {
+            "forward_tokens": _forward_tokens,
+            "forward_features": _forward_features,
+            "forward": _forward,
+            "forward_with_state": _forward_with_state,
+            "forward_head_with_state": _forward_head_with_state,
+            "forward_intermediates": _forward_intermediates,
+        })
 
     @staticmethod
     def uninstall(model: nn.Module) -> None:
-        model.__class__ = type(model)._vitrim_original_class
-        del model.vitrim
+        uninstall_reduced_class(model)
 
 
 # ---------------------------------------------------------------------- reduced forward

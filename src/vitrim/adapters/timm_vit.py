@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import UnsupportedModelError
 from ..methods.base import ModelInfo, ReductionMethod
 from ..state import ForwardState
+from ._install import install_reduced_class, uninstall_reduced_class
 
 try:  # timm >= 1.0
     from timm.layers import Attention as TimmAttention
@@ -28,8 +29,6 @@ except ImportError:  # pragma: no cover - guarded by the dependency pin
     TimmAttention = TimmBlock = VisionTransformer = None
 
 __all__ = ["TimmViTAdapter"]
-
-_REDUCED_CLASSES: dict[type, type] = {}
 
 
 def _overrides(obj: object, base: type, name: str) -> bool:
@@ -114,25 +113,17 @@ class TimmViTAdapter:
 
     # ------------------------------------------------------------------ install
     def install(self, method: ReductionMethod) -> None:
-        model = self.model
-        original = type(model)
-        if original not in _REDUCED_CLASSES:
-            _REDUCED_CLASSES[original] = type(f"Reduced{original.__name__}", (original,), {
-                "forward_tokens": _forward_tokens,
-                "forward_features": _forward_features,
-                "forward": _forward,
-                "forward_with_state": _forward_with_state,
-                "forward_head_with_state": _forward_head_with_state,
-                "_vitrim_original_class": original,
-                "__module__": original.__module__,
-            })
-        model.vitrim = method
-        model.__class__ = _REDUCED_CLASSES[original]
+        install_reduced_class(self.model, method, self.family, {
+            "forward_tokens": _forward_tokens,
+            "forward_features": _forward_features,
+            "forward": _forward,
+            "forward_with_state": _forward_with_state,
+            "forward_head_with_state": _forward_head_with_state,
+        })
 
     @staticmethod
     def uninstall(model: nn.Module) -> None:
-        model.__class__ = type(model)._vitrim_original_class
-        del model.vitrim
+        uninstall_reduced_class(model)
 
 
 # ---------------------------------------------------------------------- reduced forward

@@ -72,18 +72,20 @@ class ScorePredictor(nn.Module):
             ``[B, N, 2]`` log-probabilities ``[keep, drop]``.
         """
         # in the predictor's own dtype: a model cast to bf16/fp16 before apply keeps fp32 predictors
-        h = F.gelu(self.proj(self.norm(x.to(self.proj.weight.dtype))))
+        h = F.gelu(self.proj(self.norm(x.to(self.proj.weight.dtype))))          # [B, T, C]
         half = h.shape[-1] // 2
         glob = masked_mean(h[:, num_prefix_tokens:, half:], mask)               # [B, 1, C - C/2]
-        # head.0 on concat(local, glob): the glob half is one row per sample, so it is applied
-        # once and broadcast instead of concatenating a [B, N, C] tensor (same weights, same maths)
+        # head.0 on concat(local, glob): the glob half is one row per sample, so it is applied once
+        # and broadcast instead of concatenating a [B, N, C] tensor (same weights, same maths).
+        # Every row (prefix included) runs until the last layer, so each matmul sees a view that
+        # folds to 2-D without a copy; the prefix rows are dropped at the end.
         first = self.head[0]
-        z = F.linear(h[:, num_prefix_tokens:, :half], first.weight[:, :half])
-        z = z.add_(F.linear(glob, first.weight[:, half:], first.bias))  # in place: mm keeps no output for backward
+        z = F.linear(h[..., :half], first.weight[:, :half].contiguous())        # contiguous: a fast GEMM
+        z = z.add_(F.linear(glob, first.weight[:, half:], first.bias))          # in place: mm keeps no output for backward
         for i, layer in enumerate(self.head):
             if i:
                 z = layer(z)
-        return z.log_softmax(dim=-1)
+        return z[:, num_prefix_tokens:].log_softmax(dim=-1)
 
 
 @register_method

@@ -17,9 +17,10 @@ On PVT-v2 (``timm.create_model("pvt_v2_b*")``, experimental, not from the paper)
 blocks are every block after the first stage, each computing ``floor(N_stage * r)`` tokens (a
 constant rate, as the author's Swin prototype); see ``docs/methods/idlevit.md``.
 
-Training mode runs the masked fixed-shape form and records, per idle layer, the mask and the
-head-mean attention logits (:class:`~vitrim.ops.idle.IdleRecord` in ``state.records``) for the
-token cut loss; eval mode runs the gather/scatter form (real savings) and records the indices.
+In training mode (``model.train()``: the blocks' own flag decides) idle layers run the masked
+fixed-shape form and record, per idle layer, the mask and the head-mean attention logits
+(:class:`~vitrim.ops.idle.IdleRecord` in ``state.records``) for the token cut loss; in eval mode
+they run the gather/scatter form (real savings) and record the computed indices.
 """
 from __future__ import annotations
 

@@ -1,0 +1,31 @@
+"""Installing a method on a model: swap its class for a cached generated subclass.
+
+The subclass only overrides the forward entry points an adapter provides; modules, weights
+and the state dict stay the model's own, and removal restores the original class.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+__all__ = ["install_reduced_class", "uninstall_reduced_class"]
+
+_REDUCED_CLASSES: dict[tuple[type, str], type] = {}
+
+
+def install_reduced_class(model: nn.Module, method: nn.Module, family: str,
+                          overrides: dict[str, Callable]) -> None:
+    """Attach ``method`` as ``model.vitrim`` and swap in ``Reduced<Class>`` with ``overrides``."""
+    original = type(model)
+    key = (original, family)
+    if key not in _REDUCED_CLASSES:
+        _REDUCED_CLASSES[key] = type(f"Reduced{original.__name__}", (original,), {
+            **overrides, "_vitrim_original_class": original, "__module__": original.__module__})
+    model.vitrim = method
+    model.__class__ = _REDUCED_CLASSES[key]
+
+
+def uninstall_reduced_class(model: nn.Module) -> None:
+    model.__class__ = type(model)._vitrim_original_class
+    del model.vitrim
