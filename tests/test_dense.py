@@ -169,3 +169,23 @@ def test_squeezed_patches_follow_their_hosts():
     assert torch.equal(grid, three_tokens[0, [2, 2, 1, 1]])
     grid = vitrim.restore_grid(None, tokens, two, grid_size=(2, 2)).reshape(4, 3)
     assert torch.equal(grid, tokens[0, [1, 1, 1, 1]])
+
+
+@pytest.mark.parametrize("method", ["etps", "dtps"])
+def test_real_squeezing_models_record_hosts(method):
+    """TPS records each pruned token's host, so dense output fills it from that host's final token."""
+    import vitrim
+    from conftest import small_vit
+    from vitrim.methods._pruning import prune_records
+
+    model = vitrim.apply(small_vit(depth=4), method, keep_rate=0.5, locations=(3,)).eval()
+    with torch.no_grad():
+        tokens, state = vitrim.forward_tokens(model, torch.randn(2, 3, 64, 64))
+        grid = vitrim.restore_grid(model, tokens, state)
+    (rec,) = prune_records(state)
+    assert rec.hosts.shape == rec.rest.shape == (2, 64 - rec.kept)
+    assert int(rec.hosts.min()) >= 0 and int(rec.hosts.max()) < rec.kept
+    flat = grid.reshape(2, 64, -1)
+    for b in range(2):
+        for row, host in zip(rec.rest[b].tolist(), rec.hosts[b].tolist()):
+            torch.testing.assert_close(flat[b, row], tokens[b, 1 + host])  # 1 = class token

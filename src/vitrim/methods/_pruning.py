@@ -43,6 +43,9 @@ class PruneRecord:
             (gather form; ``-1`` for an EViT fused token).
         scores: ``[B, n_in]`` the scores the decision ranked (class attention, or the
             predictor's keep log-probability).
+        rest: ``[B, n_in - kept]`` pruned rows among the patch tokens entering the stage, in the
+            order of ``hosts`` (squeezing methods, gather form).
+        hosts: ``[B, n_in - kept]`` for each pruned row, the kept row (0..kept-1) it was squeezed into.
     """
 
     method: str
@@ -54,6 +57,8 @@ class PruneRecord:
     index: Optional[torch.Tensor] = None
     positions: Optional[torch.Tensor] = None
     scores: Optional[torch.Tensor] = None
+    rest: Optional[torch.Tensor] = None
+    hosts: Optional[torch.Tensor] = None
 
 
 def prune_records(state: ForwardState) -> list[PruneRecord]:
@@ -161,7 +166,8 @@ class PruningMethod(ReductionMethod):
     # ------------------------------------------------------------------ records
     def _record(self, state: ForwardState, block: int, stage: int, kept: int, *,
                 index: Optional[torch.Tensor] = None, scores: Optional[torch.Tensor] = None,
-                keep: Optional[torch.Tensor] = None, extra_positions: int = 0) -> ForwardState:
+                keep: Optional[torch.Tensor] = None, extra_positions: int = 0,
+                rest: Optional[torch.Tensor] = None, hosts: Optional[torch.Tensor] = None) -> ForwardState:
         """Append this stage's :class:`PruneRecord`; in gather form, also the surviving positions."""
         positions = None
         if index is not None:
@@ -173,7 +179,7 @@ class PruningMethod(ReductionMethod):
             if extra_positions:
                 positions = torch.cat([positions, positions.new_full((index.shape[0], extra_positions), -1)], dim=1)
         rec = PruneRecord(method=self.name, block=block, stage=stage + 1, target=self._target(stage), kept=kept,
-                          keep=keep, index=index, positions=positions, scores=scores)
+                          keep=keep, index=index, positions=positions, scores=scores, rest=rest, hosts=hosts)
         return state.replace(records=state.records + (rec,))
 
     def _target(self, stage: int) -> float:

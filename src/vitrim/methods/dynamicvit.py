@@ -162,7 +162,10 @@ class DynamicViT(PruningMethod):
         keep_index, rest_index = rank_tokens(scores, k)
         kept = gather_tokens(x, keep_index, prefix)                             # [prefix; kept]
         if self.squeeze:
-            kept = squeeze_gather(kept, gather_tokens(x[:, prefix:], rest_index), num_protected=prefix)
+            kept, hosts = squeeze_gather(kept, gather_tokens(x[:, prefix:], rest_index), num_protected=prefix,
+                                         return_hosts=True)
+            return kept, self._record(state, index, stage, k, index=keep_index, scores=scores,
+                                      rest=rest_index, hosts=hosts)
         return kept, self._record(state, index, stage, k, index=keep_index, scores=scores)
 
     def _prune_masked(self, stage: int, index: int, x: torch.Tensor,

@@ -127,17 +127,18 @@ class EViT(PruningMethod):
         return 1 if self.fuse else 0
 
     def _reorganise(self, x: torch.Tensor, keep_index: torch.Tensor, rest_index: torch.Tensor,
-                    scores: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+                    scores: torch.Tensor, num_prefix_tokens: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The block's new sequence: prefix tokens, kept tokens (score order), fused token.
 
         ``x: [B, P + n, C]`` after the attention residual, ``keep_index: [B, k]`` and
-        ``rest_index: [B, n - k]`` into the patch tokens, ``scores: [B, n]`` -> ``[B, P + k (+1), C]``.
+        ``rest_index: [B, n - k]`` into the patch tokens, ``scores: [B, n]`` -> ``[B, P + k (+1), C]``,
+        and the host of each pruned row when the method squeezes (``None`` here).
         """
         kept = gather_tokens(x, keep_index, num_prefix_tokens)
         if not self.fuse:
-            return kept
+            return kept, None
         fused = fused_token(x[:, num_prefix_tokens:], scores.scatter(1, keep_index, 0.0))
-        return torch.cat([kept, fused], dim=1)
+        return torch.cat([kept, fused], dim=1), None
 
     def _reduction_macs(self, n: int, k: int) -> int:
         """Extra MACs of one reorganisation the spec counts (EViT: none; fusion is not counted)."""
@@ -155,9 +156,10 @@ class EViT(PruningMethod):
         x, x_normed, keys = attention_residual(block, x)
         scores = class_attention(block, x_normed, keys, prefix)                # [B, n]
         keep_index, rest_index = rank_tokens(scores, k)
-        x = self._reorganise(x, keep_index, rest_index, scores, prefix)
+        x, hosts = self._reorganise(x, keep_index, rest_index, scores, prefix)
         state = self._record(state, index, stage, k, index=keep_index, scores=scores,
-                             extra_positions=x.shape[1] - prefix - k)
+                             extra_positions=x.shape[1] - prefix - k,
+                             rest=None if hosts is None else rest_index, hosts=hosts)
         return mlp_residual(block, x), state
 
     # ------------------------------------------------------------------ accounting

@@ -14,7 +14,7 @@ a host that absorbs nothing is unchanged. No extra token, so a stage leaves ``pr
 """
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -60,10 +60,10 @@ class ETPS(EViT):
         super()._configure(keep_rate=keep_rate, locations=locations, fuse=False, tokens=None)
 
     def _reorganise(self, x: torch.Tensor, keep_index: torch.Tensor, rest_index: torch.Tensor,
-                    scores: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+                    scores: torch.Tensor, num_prefix_tokens: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         kept = gather_tokens(x, keep_index, num_prefix_tokens)
         pruned = gather_tokens(x[:, num_prefix_tokens:], rest_index)
-        return squeeze_gather(kept, pruned, num_protected=num_prefix_tokens)
+        return squeeze_gather(kept, pruned, num_protected=num_prefix_tokens, return_hosts=True)
 
     def _reduction_macs(self, n: int, k: int) -> int:
         return 2 * (n - k) * k * self.info.embed_dim  # squeeze: similarity and fusion (tps.md §7)

@@ -155,7 +155,7 @@ def _absorb(hosts: torch.Tensor, src: torch.Tensor, host_index: torch.Tensor, we
 
 
 def squeeze_gather(reserved: torch.Tensor, pruned: torch.Tensor, eps: float = 1e-6,
-                   num_protected: int = 0) -> torch.Tensor:
+                   num_protected: int = 0, return_hosts: bool = False) -> torch.Tensor:
     """TPS squeezing, gather form (tps.md §3.8): each pruned token joins its most similar reserved token.
 
     Args:
@@ -169,12 +169,15 @@ def squeeze_gather(reserved: torch.Tensor, pruned: torch.Tensor, eps: float = 1e
         ``[B, R, C]``: host ``j`` becomes ``(e x_j + sum_{i -> j} exp(c_ij) x_i) / (e + sum exp(c_ij))``
         with ``c`` the cosine similarity of the full features; ``i -> j`` is the unidirectional
         nearest neighbour (first index on ties). Hosts that absorb nothing and protected rows
-        are bit-identical to the input.
+        are bit-identical to the input. With ``return_hosts=True``: ``(out, hosts)``,
+        ``hosts: [B, M]`` the host row of each pruned token among the unprotected reserved rows.
     """
     if pruned.shape[1] == 0:
-        return reserved
+        return (reserved, pruned.new_zeros(pruned.shape[:2], dtype=torch.long)) if return_hosts else reserved
     sim, host = cosine_similarity_matrix(pruned, reserved[:, num_protected:], eps).max(dim=-1)   # [B, M]
-    return _absorb(reserved, pruned, host + num_protected, sim.exp())
+    out = _absorb(reserved, pruned, host + num_protected, sim.exp())
+    # host: [B, M] row among the unprotected reserved tokens each pruned token joined (provenance)
+    return (out, host) if return_hosts else out
 
 
 def squeeze_masked(x: torch.Tensor, keep: torch.Tensor, pruned_now: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
