@@ -9,7 +9,7 @@ from typing import Callable
 
 from torch import nn
 
-__all__ = ["install_reduced_class", "uninstall_reduced_class"]
+__all__ = ["AdapterBase", "install_reduced_class", "uninstall_reduced_class"]
 
 _REDUCED_CLASSES: dict[tuple[type, str], type] = {}
 
@@ -29,3 +29,22 @@ def install_reduced_class(model: nn.Module, method: nn.Module, family: str,
 def uninstall_reduced_class(model: nn.Module) -> None:
     model.__class__ = type(model)._vitrim_original_class
     del model.vitrim
+
+
+class AdapterBase:
+    """What every adapter shares: optional validation on construction, and removal."""
+
+    family = ""
+
+    def __init__(self, model: nn.Module, check: bool = True) -> None:
+        if check:
+            self._check(model)
+        self.model = model
+
+    @staticmethod
+    def _check(model: nn.Module) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def uninstall(model: nn.Module) -> None:
+        uninstall_reduced_class(model)

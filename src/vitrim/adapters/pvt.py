@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import UnsupportedModelError
 from ..methods.base import ModelInfo, ReductionMethod
 from ..state import ForwardState
-from ._install import install_reduced_class, uninstall_reduced_class
+from ._install import AdapterBase, install_reduced_class
 
 try:  # timm >= 1.0
     from timm.models import pvt_v2 as _pvt
@@ -71,7 +71,7 @@ def _conv_out(size: tuple[int, int], conv: nn.Conv2d) -> tuple[int, int]:
     return (size[0] + 2 * ph - kh) // sh + 1, (size[1] + 2 * pw - kw) // sw + 1
 
 
-class PvtV2Adapter:
+class PvtV2Adapter(AdapterBase):
     """Validates a timm ``PyramidVisionTransformerV2`` and installs/removes a method on it."""
 
     family = FAMILY
@@ -79,11 +79,6 @@ class PvtV2Adapter:
     @staticmethod
     def supports(model: nn.Module) -> bool:
         return _pvt is not None and isinstance(model, _pvt.PyramidVisionTransformerV2)
-
-    def __init__(self, model: nn.Module, check: bool = True) -> None:
-        if check:
-            self._check(model)
-        self.model = model
 
     # ------------------------------------------------------------------ checks
     @staticmethod
@@ -212,10 +207,6 @@ class PvtV2Adapter:
             "forward_head_with_state": _forward_head_with_state,
             "forward_intermediates": _forward_intermediates,
         })
-
-    @staticmethod
-    def uninstall(model: nn.Module) -> None:
-        uninstall_reduced_class(model)
 
 
 # ---------------------------------------------------------------------- reduced forward

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import UnsupportedModelError
 from ..methods.base import ModelInfo, ReductionMethod
 from ..state import ForwardState
-from ._install import install_reduced_class, uninstall_reduced_class
+from ._install import AdapterBase, install_reduced_class
 
 try:  # timm >= 1.0
     from timm.layers import Attention as TimmAttention
@@ -35,7 +35,7 @@ def _overrides(obj: object, base: type, name: str) -> bool:
     return getattr(type(obj), name) is not getattr(base, name)
 
 
-class TimmViTAdapter:
+class TimmViTAdapter(AdapterBase):
     """Validates a timm ViT and installs/removes a method on it."""
 
     family = "timm-vit"
@@ -43,11 +43,6 @@ class TimmViTAdapter:
     @staticmethod
     def supports(model: nn.Module) -> bool:
         return VisionTransformer is not None and isinstance(model, VisionTransformer)
-
-    def __init__(self, model: nn.Module, check: bool = True) -> None:
-        if check:
-            self._check(model)
-        self.model = model
 
     # ------------------------------------------------------------------ checks
     @staticmethod
@@ -120,10 +115,6 @@ class TimmViTAdapter:
             "forward_with_state": _forward_with_state,
             "forward_head_with_state": _forward_head_with_state,
         })
-
-    @staticmethod
-    def uninstall(model: nn.Module) -> None:
-        uninstall_reduced_class(model)
 
 
 # ---------------------------------------------------------------------- reduced forward

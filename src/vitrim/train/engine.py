@@ -182,10 +182,10 @@ def train(cfg: TrainConfig) -> dict:
     np.random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + rank)
 
-    probe = image_dataset(train_dir)
-    num_classes = len(probe.reader.class_to_idx) if hasattr(probe, "reader") else len(set(probe.targets))
+    train_set = image_dataset(train_dir)  # scanned once; its transform needs the model's data config
+    num_classes = len(train_set.reader.class_to_idx)
     model, teacher = prepare_model(cfg, num_classes)
-    train_set = image_dataset(train_dir, transform=train_transform(model, recipe))
+    train_set.transform = train_transform(model, recipe)
     val_set = image_dataset(val_dir, transform=eval_transform(model))
     loader = build_train_loader(train_set, recipe, recipe.batch_size, world, rank, cfg.seed, cfg.workers)
     val_loader = build_eval_loader(val_set, recipe.batch_size, cfg.workers)
@@ -239,6 +239,8 @@ def train(cfg: TrainConfig) -> dict:
     # resumed run follows the same rates; the fine-tune preset (0, 0) keeps the target from step 0.
     shrink_target = None
     if cfg.method == "evit" and (recipe.shrink_start_epoch or recipe.shrink_epochs):
+        from ..methods.evit import keep_rate_schedule
+
         shrink_target = method_module.options()["keep_rate"]
         if not isinstance(shrink_target, float):
             raise VitrimError("the EViT keep-rate warm-up needs a single keep_rate, not per-stage rates")
@@ -253,8 +255,6 @@ def train(cfg: TrainConfig) -> dict:
                    leave=False, dynamic_ncols=True)
         for step, (images, targets) in enumerate(bar):
             if shrink_target is not None:
-                from ..methods.evit import keep_rate_schedule
-
                 rate = keep_rate_schedule(epoch * len(loader) + step, len(loader), shrink_target,
                                           recipe.shrink_start_epoch, recipe.shrink_epochs)
                 if rate != method_module.options()["keep_rate"]:
