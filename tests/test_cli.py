@@ -35,6 +35,19 @@ def test_bench_json(capsys):
         assert r["env"]["torch"] == torch.__version__ and len(base["runs"]) == 2
 
 
+@pytest.mark.parametrize("img_size", [None, 64])
+def test_bench_pyramid_model(img_size, capsys):
+    # PVT-v2 has no patch_embed.img_size and takes no img_size argument: its size is the input's
+    size = [] if img_size is None else ["--img-size", str(img_size)]
+    rc = main(["bench", "--model", "pvt_v2_b0", "--method", "idle", "--keep-rate", "0.5", "--batch-size", "1",
+               "--warmup", "0", "--repeats", "1", "--iters", "1", "--json", *size])
+    assert rc == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert result["input_size"][1:] == [img_size or 224] * 2
+    base, red = result["timings"]
+    assert red["gmacs"] < base["gmacs"]
+
+
 def test_methods(capsys):
     assert main(["methods"]) == 0
     assert "tome" in capsys.readouterr().out

@@ -9,7 +9,7 @@ import torch
 import vitrim
 from vitrim.errors import OptionError
 from vitrim.ops.attention import class_attention_logits, class_attention_scores
-from vitrim.ops.idle import IdleRecord, idle_block_gather, idle_block_masked, idle_scores, index_to_mask, _keys
+from vitrim.ops.idle import IdleRecord, idle_block_gather, idle_block_masked, idle_scores, index_to_mask, rank_scores
 from conftest import small_vit
 
 X = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
@@ -125,13 +125,18 @@ def test_eval_path_follows_model_mode_not_method_mode():
 
 
 # ---------------------------------------------------------------------- selection
-def test_score_is_head_mean_of_pre_softmax_class_logits():
-    model = small_vit(qk_norm=True)
+@pytest.mark.parametrize("qk_norm", [False, True])  # low-rank scoring without keys / keys of all rows
+def test_score_is_head_mean_of_pre_softmax_class_logits(qk_norm):
+    model = small_vit(qk_norm=qk_norm, qkv_bias=True)
     attn = model.blocks[1].attn
+    with torch.no_grad():
+        attn.qkv.bias.normal_()  # the key bias shifts every score of a sample by <q, b_k>
     z = torch.randn(2, 65, 48)
-    ours = idle_scores(attn, z, _keys(attn, z), 1)
+    score, keys = rank_scores(attn, z, 1)
+    assert (keys is None) != qk_norm
     ref = class_attention_logits(attn, z).mean(1)[:, 1:]
-    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(score, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(idle_scores(attn, z, 1), score)
 
 
 def test_spec_example_pre_softmax_vs_evit():
@@ -148,7 +153,7 @@ def test_spec_example_pre_softmax_vs_evit():
         attn.qkv.bias[:2] = 1.0                  # q_cls = (1, 1) for every token
         attn.qkv.weight[2:4] = torch.eye(2)      # k = z
     z = torch.tensor([[[0.0, 0.0], [0.1, -50.0], [0.0, -40.0]]]) / attn.scale
-    assert idle_scores(attn, z, _keys(attn, z), 1).argmax(-1).item() == 1
+    assert idle_scores(attn, z, 1).argmax(-1).item() == 1
     assert class_attention_scores(attn, z)[:, 1:].argmax(-1).item() == 0
 
 
@@ -261,8 +266,12 @@ def test_flops_layers_and_traced_count():
     report = vitrim.flops_report(model)
     assert [l.tokens_in for l in report.layers] == [197] * 3 + [138] * 3 + [97] * 3 + [68] * 3
     assert [l.tokens_mlp for l in report.layers][-1] == 68
-    # the tracer sees the keys of every token, the class query and logits, like the analytic count
-    assert vitrim.traced_flops(model) == pytest.approx(vitrim.flops(model), abs=0.005)
+    # the analytic count is the paper's (keys of every token); the executed forward ranks with
+    # W_k^T q_cls instead (one C x C product), so the tracer sees (T - S - 1) C^2 fewer per idle layer
+    c = model.embed_dim
+    saved = sum((197 - l.tokens_in - 1) * c * c for l in report.layers if l.tokens_in < 197)
+    assert vitrim.traced_flops(model) == pytest.approx(vitrim.flops(model) - saved / 1e9, abs=0.001)
+    assert vitrim.flops(model) == pytest.approx(0.808, abs=0.001)
 
 
 def test_cli_flops(capsys):

@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from . import api
+from .adapters import get_adapter
 from .errors import VitrimError
 from .measure.flops import flops, flops_report, traced_flops
 from .methods.base import get_method_class, method_names
@@ -116,14 +117,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         gm[name] = flops(reduced, args.img_size)
     if args.compile:
         models = {k: torch.compile(v) for k, v in models.items()}
-    img = args.img_size or base.patch_embed.img_size[0]
+    h, w = (args.img_size, args.img_size) if args.img_size else get_adapter(base).default_img_size()
     results = []
     total = len(args.batch_size) * len(args.precision) * args.repeats
     with tqdm(total=total, desc="bench", disable=args.json or not sys.stderr.isatty(), file=sys.stderr) as bar:
         for precision in args.precision:
             for bs in args.batch_size:
                 bar.set_postfix(batch=bs, precision=precision)
-                res = benchmark(models, batch_size=bs, input_size=(3, img, img), device=device, precision=precision,
+                res = benchmark(models, batch_size=bs, input_size=(3, h, w), device=device, precision=precision,
                                 warmup=args.warmup, repeats=args.repeats, iters=args.iters, compiled=args.compile,
                                 gmacs=gm, progress=lambda _: bar.update(1))
                 results.append(res)

@@ -25,7 +25,15 @@ def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] 
     if img_size is not None:
         kwargs["img_size"] = img_size
     try:
-        model = timm.create_model(name, pretrained=pretrained and checkpoint is None, **kwargs)
+        try:
+            model = timm.create_model(name, pretrained=pretrained and checkpoint is None, **kwargs)
+        except TypeError as err:
+            # models whose size is only a property of the input (convolutional stems: PVT-v2) take no
+            # img_size argument; they run at the requested size anyway
+            if "img_size" not in kwargs or "img_size" not in str(err):
+                raise
+            kwargs.pop("img_size")
+            model = timm.create_model(name, pretrained=pretrained and checkpoint is None, **kwargs)
     except (OSError, RuntimeError, ValueError) as err:
         if pretrained:
             raise VitrimError(f"could not load pretrained weights for {name!r} ({type(err).__name__}: {err}). "

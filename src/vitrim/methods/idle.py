@@ -168,7 +168,10 @@ class IdleViT(ReductionMethod):
     def block_tokens(self, num_tokens: int) -> list[BlockTokens]:
         """ViT plan (idlevit.md §9): an idle block computes Q, V, attention, projection and MLP on
         ``S = p + K`` rows; ``extra_macs`` counts the keys of the ``T - S`` idle rows, the class
-        query (``C^2``) and the class logits (``T C``). The pyramid adapter prices its own blocks."""
+        query (``C^2``) and the class logits (``T C``): the paper's count. Without qk-norm the forward
+        ranks without per-token keys (:func:`~vitrim.ops.idle.rank_scores`) and executes
+        ``(T - S - 1) C^2`` fewer MACs per idle layer (``vitrim.traced_flops`` shows it). The pyramid
+        adapter prices its own blocks."""
         p = self.info.num_prefix_tokens
         n0 = num_tokens - p
         c = self.info.embed_dim

@@ -26,11 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attend, class_attention_logits, project
+from .attention import attend, project
 
 __all__ = [
     "IdleRecord", "keep_count", "gather_rows", "scatter_rows", "select_rows", "index_to_mask",
-    "idle_scores", "head_mean_logits", "idle_block_gather", "idle_block_masked",
+    "low_rank_scoring", "rank_scores", "idle_scores", "head_mean_logits",
+    "idle_block_gather", "idle_block_masked",
     "pvt_scores", "pvt_keys_values", "pvt_mlp", "pvt_idle_block_gather", "pvt_idle_block_masked",
 ]
 
@@ -121,26 +122,12 @@ def _heads(attn: nn.Module, t: torch.Tensor) -> torch.Tensor:
     return t.reshape(B, T, attn.num_heads, attn.head_dim).transpose(1, 2)
 
 
-def idle_scores(attn: nn.Module, z: torch.Tensor, k: torch.Tensor, num_prefix: int) -> torch.Tensor:
-    """IdleViT's ranking score: the head mean of the class query's pre-softmax logits (§3).
-
-    Equal to ``class_attention_logits(attn, z, k).mean(1)`` (:mod:`vitrim.ops.attention`), computed
-    with the identity ``sum_h <q^h, k^h> = <q, k>``: one ``A``-channel dot product per token on
-    token-major keys, so no head transpose of the keys is materialised.
-
-    Args:
-        z: ``[B, T, C]`` the block's ``norm1`` output; k: ``[B, T, A]`` its keys (after ``k_norm``),
-            token-major; num_prefix: ``p``.
-
-    Returns:
-        ``[B, N]`` scores of the patch tokens (class query only, never the full attention matrix).
-    """
-    B, _, A = k.shape
+def _class_query(attn: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """The class token's query (after ``q_norm``), times ``scale / heads``: ``[B, T, C] -> [B, A]``."""
+    B = z.shape[0]
     w_q, b_q = _slice(attn, 0)
     q = attn.q_norm(F.linear(z[:, 0], w_q, b_q).reshape(B, attn.num_heads, attn.head_dim))
-    q = q.reshape(B, 1, A) * (attn.scale / attn.num_heads)
-    # multiply-and-sum rather than a [T, A] x [A, 1] bmm: the matrix-vector bmm is ~6x slower on CPU
-    return (k[:, num_prefix:] * q).sum(-1)
+    return q.reshape(B, -1) * (attn.scale / attn.num_heads)
 
 
 def _keys(attn: nn.Module, z: torch.Tensor) -> torch.Tensor:
@@ -149,6 +136,45 @@ def _keys(attn: nn.Module, z: torch.Tensor) -> torch.Tensor:
     w_k, b_k = _slice(attn, 1)
     k = F.linear(z, w_k, b_k)
     return attn.k_norm(k.reshape(B, T, attn.num_heads, attn.head_dim)).reshape(B, T, -1)
+
+
+def low_rank_scoring(attn: nn.Module) -> bool:
+    """Whether the ranking can skip the keys: true when keys are linear in ``z`` (no ``k_norm``)."""
+    return isinstance(attn.k_norm, nn.Identity)
+
+
+def rank_scores(attn: nn.Module, z: torch.Tensor, num_prefix: int
+                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """IdleViT's ranking score: the head mean of the class query's pre-softmax logits (§3).
+
+    Equal to ``class_attention_logits(attn, z).mean(1)`` (:mod:`vitrim.ops.attention`) by
+    ``sum_h <q^h, k^h> = <q, k>``. Without ``k_norm`` the keys are linear in ``z``, so
+    ``<q, W_k z_j + b_k> = <W_k^T q, z_j> + <q, b_k>``: ``C^2 + N C`` MACs and no per-token keys
+    (the gather form then computes keys for the selected rows only). With ``k_norm`` (qk-norm
+    models) the keys of all rows are computed and returned for reuse.
+
+    Args:
+        z: ``[B, T, C]`` the block's ``norm1`` output; num_prefix: ``p``.
+
+    Returns:
+        ``(score [B, N], keys)``: scores of the patch tokens (class query only, never the full
+        attention matrix) and ``keys [B, T, A]`` (after ``k_norm``) when they were computed, else ``None``.
+    """
+    q = _class_query(attn, z)                                        # [B, A]
+    # multiply-and-sum rather than a [T, C] x [C, 1] bmm: the matrix-vector bmm is ~6x slower on CPU
+    if low_rank_scoring(attn):
+        w_k, b_k = _slice(attn, 1)
+        score = (z[:, num_prefix:] * (q @ w_k).unsqueeze(1)).sum(-1)
+        if b_k is not None:
+            score = score + (q * b_k).sum(-1, keepdim=True)
+        return score, None
+    k = _keys(attn, z)
+    return (k[:, num_prefix:] * q.unsqueeze(1)).sum(-1), k
+
+
+def idle_scores(attn: nn.Module, z: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """``[B, N]`` ranking scores of the patch tokens (see :func:`rank_scores`)."""
+    return rank_scores(attn, z, num_prefix)[0]
 
 
 def head_mean_logits(attn: nn.Module, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -167,8 +193,9 @@ def idle_block_gather(block: nn.Module, x: torch.Tensor, keep: int,
                       num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One idle layer, inference form (§4).
 
-    Keys for all rows (ranking needs them; the selected rows' keys are reused), the class query,
-    then Q and V, attention, projection and MLP for the ``S = p + K`` selected rows only.
+    The class query ranks the patch tokens (:func:`rank_scores`: without ``k_norm`` no per-token
+    keys are needed; with it the keys of all rows are computed and the selected ones reused), then
+    Q, K, V, attention, projection and MLP run on the ``S = p + K`` selected rows only.
 
     Args:
         x: ``[B, T, C]`` tokens entering the block; keep: ``K``; num_prefix: ``p`` (always computed).
@@ -179,17 +206,19 @@ def idle_block_gather(block: nn.Module, x: torch.Tensor, keep: int,
     attn = block.attn
     B, T, C = x.shape
     z = block.norm1(x)
-    k_all = _keys(attn, z)                                          # [B, T, A]
-    index = select_rows(idle_scores(attn, z, k_all, num_prefix), keep, num_prefix)
-    S, A = index.shape[1], k_all.shape[-1]
+    score, k_all = rank_scores(attn, z, num_prefix)
+    index = select_rows(score, keep, num_prefix)
+    S, A, H, d = index.shape[1], attn.attn_dim, attn.num_heads, attn.head_dim
     flat = _flat(index, T)                                          # one flat index for every gather and the scatter
     zs = z.reshape(B * T, C).index_select(0, flat).view(B, S, C)
-    # Q and V of the selected rows in one product (the q and v thirds of the qkv weight)
-    w = attn.qkv.weight.reshape(3, A, -1)[0::2].reshape(2 * A, -1)
-    b = attn.qkv.bias.reshape(3, A)[0::2].reshape(2 * A) if attn.qkv.bias is not None else None
-    q, v = F.linear(zs, w, b).reshape(B, S, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    if k_all is None:  # Q, K and V of the selected rows in one product
+        q, k, v = attn.qkv(zs).reshape(B, S, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+    else:  # Q and V of the selected rows (the q and v thirds of the qkv weight); the keys are reused
+        w = attn.qkv.weight.reshape(3, A, -1)[0::2].reshape(2 * A, -1)
+        b = attn.qkv.bias.reshape(3, A)[0::2].reshape(2 * A) if attn.qkv.bias is not None else None
+        q, v = F.linear(zs, w, b).reshape(B, S, 2, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+        k = _heads(attn, k_all.reshape(B * T, A).index_select(0, flat).view(B, S, A))
     q = attn.q_norm(q)
-    k = _heads(attn, k_all.reshape(B * T, A).index_select(0, flat).view(B, S, A))
     xs = x.reshape(B * T, C).index_select(0, flat).view(B, S, C)
     xs = xs + block.drop_path1(block.ls1(project(attn, attend(attn, q, k, v), zs)))
     xs = xs + block.drop_path2(block.ls2(block.mlp(block.norm2(xs))))
@@ -214,10 +243,10 @@ def idle_block_masked(block: nn.Module, x: torch.Tensor, keep: int, num_prefix: 
     attn = block.attn
     B, T, _ = x.shape
     z = block.norm1(x)
-    # the three projections separately, so the keys (and the ranking) match the gather form exactly
-    k_all = _keys(attn, z)
-    index = select_rows(idle_scores(attn, z, k_all, num_prefix), keep, num_prefix)
-    k = _heads(attn, k_all)
+    # the ranking exactly as in the gather form, so both forms select the same rows
+    score, k_all = rank_scores(attn, z, num_prefix)
+    index = select_rows(score, keep, num_prefix)
+    k = _heads(attn, _keys(attn, z) if k_all is None else k_all)
     mask = index_to_mask(index, T)
     w_q, b_q = _slice(attn, 0)
     w_v, b_v = _slice(attn, 2)
