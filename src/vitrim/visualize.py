@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -296,8 +295,6 @@ def add_visualize_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
                     "No IMAGE: a digits canvas for the embedded model, else scikit-image's astronaut.")
     p.add_argument("image", nargs="?", help="image file (default: see above)")
     _add_model_args(p, default_model=None, default_method="tome")
-    if "--target-gmacs" not in p._option_string_actions:  # until _add_model_args carries it
-        p.add_argument("--target-gmacs", type=float, help="solve the strength option for this budget (vitrim.solve)")
     p.add_argument("--show-layers", type=_int_list, metavar="I,J,...", help="0-based blocks to draw")
     p.add_argument("--output", "-o", default="vis.png", help="PNG to write (default: vis.png)")
     p.set_defaults(func=cmd_visualize)

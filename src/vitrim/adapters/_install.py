@@ -9,19 +9,29 @@ from typing import Callable
 
 from torch import nn
 
-__all__ = ["AdapterBase", "install_reduced_class", "uninstall_reduced_class"]
+__all__ = ["AdapterBase", "install_reduced_class", "uninstall_reduced_class", "overrides", "runs_own_forward"]
 
 _REDUCED_CLASSES: dict[tuple[type, str], type] = {}
 
 
+def overrides(obj: object, base: type, name: str) -> bool:
+    """Whether ``obj``'s class replaces ``base.<name>`` (behaviour an adapter could not keep)."""
+    return getattr(type(obj), name) is not getattr(base, name)
+
+
+def runs_own_forward(module: nn.Module, cls: type) -> bool:
+    """``module`` is a ``cls`` whose ``forward`` is ``cls``'s own."""
+    return isinstance(module, cls) and not overrides(module, cls, "forward")
+
+
 def install_reduced_class(model: nn.Module, method: nn.Module, family: str,
-                          overrides: dict[str, Callable]) -> None:
-    """Attach ``method`` as ``model.vitrim`` and swap in ``Reduced<Class>`` with ``overrides``."""
+                          entry_points: dict[str, Callable]) -> None:
+    """Attach ``method`` as ``model.vitrim`` and swap in ``Reduced<Class>`` with ``entry_points``."""
     original = type(model)
     key = (original, family)
     if key not in _REDUCED_CLASSES:
         _REDUCED_CLASSES[key] = type(f"Reduced{original.__name__}", (original,), {
-            **overrides, "_vitrim_original_class": original, "__module__": original.__module__})
+            **entry_points, "_vitrim_original_class": original, "__module__": original.__module__})
     model.vitrim = method
     model.__class__ = _REDUCED_CLASSES[key]
 

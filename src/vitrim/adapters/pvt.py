@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import UnsupportedModelError
 from ..methods.base import ModelInfo, ReductionMethod
 from ..state import ForwardState
-from ._install import AdapterBase, install_reduced_class
+from ._install import AdapterBase, install_reduced_class, overrides, runs_own_forward
 
 try:  # timm >= 1.0
     from timm.models import pvt_v2 as _pvt
@@ -58,10 +58,6 @@ class PyramidState(ForwardState):
     stage: int = 0
 
 
-def _overrides(obj: object, base: type, name: str) -> bool:
-    return getattr(type(obj), name) is not getattr(base, name)
-
-
 def _conv_macs(conv: nn.Conv2d, out_positions: int) -> int:
     return conv.weight.numel() * out_positions  # weight = C_out * C_in / groups * kh * kw
 
@@ -85,13 +81,12 @@ class PvtV2Adapter(AdapterBase):
     def _check(model: nn.Module) -> None:
         name = type(model).__name__
         for fn in ("forward_features", "forward", "forward_head"):
-            if _overrides(model, _pvt.PyramidVisionTransformerV2, fn):
+            if overrides(model, _pvt.PyramidVisionTransformerV2, fn):
                 raise UnsupportedModelError(
                     f"{name} overrides PyramidVisionTransformerV2.{fn}; vitrim reduces timm's own PVT-v2 "
                     f"(pvt_v2_b0..b5, pvt_v2_b2_li), so it cannot keep {name}'s behaviour")
         for s, stage in enumerate(model.stages):
-            if not isinstance(stage, _pvt.PyramidVisionTransformerStage) or \
-                    _overrides(stage, _pvt.PyramidVisionTransformerStage, "forward"):
+            if not runs_own_forward(stage, _pvt.PyramidVisionTransformerStage):
                 raise UnsupportedModelError(f"{name}.stages[{s}] is a {type(stage).__name__}; vitrim supports "
                                             f"timm's pvt_v2.PyramidVisionTransformerStage")
             for i, block in enumerate(stage.blocks):
@@ -99,7 +94,7 @@ class PvtV2Adapter(AdapterBase):
                 parts = ((block, _pvt.Block, "block"), (block.attn, _pvt.Attention, "attn"),
                          (block.mlp, _pvt.MlpWithDepthwiseConv, "mlp"))
                 for module, cls, what in parts:
-                    if not isinstance(module, cls) or _overrides(module, cls, "forward"):
+                    if not runs_own_forward(module, cls):
                         raise UnsupportedModelError(
                             f"{where} {what} is a {type(module).__name__}; vitrim supports timm's pvt_v2.Block "
                             f"with pvt_v2.Attention (spatial reduction or linear) and MlpWithDepthwiseConv")

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import UnsupportedModelError
 from ..methods.base import ModelInfo, ReductionMethod
 from ..state import ForwardState
-from ._install import AdapterBase, install_reduced_class
+from ._install import AdapterBase, install_reduced_class, overrides, runs_own_forward
 
 try:  # timm >= 1.0
     from timm.layers import Attention as TimmAttention
@@ -29,10 +29,6 @@ except ImportError:  # pragma: no cover - guarded by the dependency pin
     TimmAttention = TimmBlock = VisionTransformer = None
 
 __all__ = ["TimmViTAdapter"]
-
-
-def _overrides(obj: object, base: type, name: str) -> bool:
-    return getattr(type(obj), name) is not getattr(base, name)
 
 
 class TimmViTAdapter(AdapterBase):
@@ -49,20 +45,20 @@ class TimmViTAdapter(AdapterBase):
     def _check(model: nn.Module) -> None:
         name = type(model).__name__
         for fn in ("forward_features", "forward"):
-            if _overrides(model, VisionTransformer, fn):
+            if overrides(model, VisionTransformer, fn):
                 raise UnsupportedModelError(
                     f"{name} overrides VisionTransformer.{fn}; vitrim reduces timm VisionTransformer models "
                     f"whose feature forward is timm's own (deit_*, deit_*_distilled, vit_*), so it cannot "
                     f"keep {name}'s behaviour. Accepted: timm VisionTransformer and subclasses that only "
                     f"override _pos_embed/forward_head (e.g. VisionTransformerDistilled).")
         for i, block in enumerate(model.blocks):
-            if not isinstance(block, TimmBlock) or _overrides(block, TimmBlock, "forward"):
+            if not runs_own_forward(block, TimmBlock):
                 raise UnsupportedModelError(
                     f"{name}.blocks[{i}] is a {type(block).__name__}; vitrim supports timm's "
                     f"vision_transformer.Block (pre-norm: attention, LayerScale, drop_path, MLP). "
                     f"Blocks such as ResPostBlock or ParallelScalingBlock are not supported.")
             attn = block.attn
-            if not isinstance(attn, TimmAttention) or _overrides(attn, TimmAttention, "forward"):
+            if not runs_own_forward(attn, TimmAttention):
                 raise UnsupportedModelError(
                     f"{name}.blocks[{i}].attn is a {type(attn).__name__}; vitrim supports timm.layers.Attention "
                     f"(fused or explicit, qk-norm, scale-norm, gate). RoPE or other attention is not supported.")

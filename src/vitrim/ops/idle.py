@@ -30,7 +30,7 @@ from .attention import attend, project
 
 __all__ = [
     "IdleRecord", "keep_count", "gather_rows", "scatter_rows", "select_rows", "index_to_mask",
-    "low_rank_scoring", "rank_scores", "idle_scores", "head_mean_logits",
+    "scores_through_linear_keys", "low_rank_scoring", "rank_scores", "idle_scores", "head_mean_logits",
     "idle_block_gather", "idle_block_masked",
     "pvt_scores", "pvt_keys_values", "pvt_mlp", "pvt_idle_block_gather", "pvt_idle_block_masked",
 ]
@@ -138,6 +138,25 @@ def _keys(attn: nn.Module, z: torch.Tensor) -> torch.Tensor:
     return attn.k_norm(k.reshape(B, T, attn.num_heads, attn.head_dim)).reshape(B, T, -1)
 
 
+def scores_through_linear_keys(q: torch.Tensor, z: torch.Tensor, w_k: torch.Tensor,
+                               b_k: Optional[torch.Tensor]) -> torch.Tensor:
+    """``<q, W_k z_j + b_k>`` for every row ``j`` without per-row keys, as ``<W_k^T q, z_j> + <q, b_k>``.
+
+    ``C^2 + N C`` MACs instead of the ``N C^2`` of the keys. A multiply-and-sum rather than an
+    ``[N, C] x [C, 1]`` bmm: the matrix-vector bmm is ~6x slower on CPU.
+
+    Args:
+        q: ``[B, A]`` one query per sample; z: ``[B, N, C]`` rows; w_k: ``[A, C]``; b_k: ``[A]`` or None.
+
+    Returns:
+        ``[B, N]``.
+    """
+    score = (z * (q @ w_k).unsqueeze(1)).sum(-1)
+    if b_k is not None:
+        score = score + (q * b_k).sum(-1, keepdim=True)
+    return score
+
+
 def low_rank_scoring(attn: nn.Module) -> bool:
     """Whether the ranking can skip the keys: true when keys are linear in ``z`` (no ``k_norm``)."""
     return isinstance(attn.k_norm, nn.Identity)
@@ -161,15 +180,10 @@ def rank_scores(attn: nn.Module, z: torch.Tensor, num_prefix: int
         attention matrix) and ``keys [B, T, A]`` (after ``k_norm``) when they were computed, else ``None``.
     """
     q = _class_query(attn, z)                                        # [B, A]
-    # multiply-and-sum rather than a [T, C] x [C, 1] bmm: the matrix-vector bmm is ~6x slower on CPU
     if low_rank_scoring(attn):
-        w_k, b_k = _slice(attn, 1)
-        score = (z[:, num_prefix:] * (q @ w_k).unsqueeze(1)).sum(-1)
-        if b_k is not None:
-            score = score + (q * b_k).sum(-1, keepdim=True)
-        return score, None
+        return scores_through_linear_keys(q, z[:, num_prefix:], *_slice(attn, 1)), None
     k = _keys(attn, z)
-    return (k[:, num_prefix:] * q.unsqueeze(1)).sum(-1), k
+    return (k[:, num_prefix:] * q.unsqueeze(1)).sum(-1), k           # not a bmm: see scores_through_linear_keys
 
 
 def idle_scores(attn: nn.Module, z: torch.Tensor, num_prefix: int) -> torch.Tensor:
@@ -278,12 +292,8 @@ def pvt_scores(attn: nn.Module, z: torch.Tensor) -> torch.Tensor:
     """
     C = attn.dim
     q_mean = attn.q(z.mean(dim=1))                                   # [B, C]
-    w_k = attn.kv.weight[:C]
-    u = q_mean @ w_k                                                  # [B, C]: W_k^T q
-    score = (z * u.unsqueeze(1)).sum(-1)                              # [B, N]; not a slow matrix-vector bmm
-    if attn.kv.bias is not None:
-        score = score + (q_mean * attn.kv.bias[:C]).sum(-1, keepdim=True)
-    return score * (attn.scale / attn.num_heads)
+    b_k = attn.kv.bias[:C] if attn.kv.bias is not None else None
+    return scores_through_linear_keys(q_mean, z, attn.kv.weight[:C], b_k) * (attn.scale / attn.num_heads)
 
 
 def pvt_keys_values(attn: nn.Module, z: torch.Tensor, feat_size: tuple[int, int]
