@@ -14,8 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["split_qkv", "attend", "project", "attention_with_key_bias", "log_size_bias",
+__all__ = ["qkv_part", "split_qkv", "attend", "project", "attention_with_key_bias", "log_size_bias",
            "class_attention_logits", "class_attention_scores"]
+
+
+def qkv_part(attn: nn.Module, part: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Weight ``[A, C]`` and bias ``[A]`` (or None) of the q (0), k (1) or v (2) third of ``attn.qkv``."""
+    a = attn.attn_dim
+    w = attn.qkv.weight[part * a:(part + 1) * a]
+    b = attn.qkv.bias[part * a:(part + 1) * a] if attn.qkv.bias is not None else None
+    return w, b
 
 
 def split_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -117,14 +125,10 @@ def class_attention_logits(
     """
     B, T, C = x.shape
     d, H = attn.head_dim, attn.num_heads
-    w_q = attn.qkv.weight[:attn.attn_dim]
-    b_q = attn.qkv.bias[:attn.attn_dim] if attn.qkv.bias is not None else None
-    q = torch.nn.functional.linear(x[:, query_index], w_q, b_q).reshape(B, H, 1, d)
+    q = F.linear(x[:, query_index], *qkv_part(attn, 0)).reshape(B, H, 1, d)
     q = attn.q_norm(q)
     if k is None:
-        w_k = attn.qkv.weight[attn.attn_dim:2 * attn.attn_dim]
-        b_k = attn.qkv.bias[attn.attn_dim:2 * attn.attn_dim] if attn.qkv.bias is not None else None
-        k = attn.k_norm(torch.nn.functional.linear(x, w_k, b_k).reshape(B, T, H, d).transpose(1, 2))
+        k = attn.k_norm(F.linear(x, *qkv_part(attn, 1)).reshape(B, T, H, d).transpose(1, 2))
     return ((q * attn.scale) @ k.transpose(-2, -1))[:, :, 0]
 
 

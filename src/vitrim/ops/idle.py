@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attend, project
+from .attention import attend, project, qkv_part
 
 __all__ = [
     "IdleRecord", "keep_count", "gather_rows", "scatter_rows", "select_rows", "index_to_mask",
@@ -108,14 +108,6 @@ def index_to_mask(index: torch.Tensor, num_tokens: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- ViT blocks
-def _slice(attn: nn.Module, part: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Weight and bias of the q (0), k (1) or v (2) third of a timm ``Attention.qkv``."""
-    a = attn.attn_dim
-    w = attn.qkv.weight[part * a:(part + 1) * a]
-    b = attn.qkv.bias[part * a:(part + 1) * a] if attn.qkv.bias is not None else None
-    return w, b
-
-
 def _heads(attn: nn.Module, t: torch.Tensor) -> torch.Tensor:
     """``[B, T, A] -> [B, H, T, d]``."""
     B, T, _ = t.shape
@@ -125,7 +117,7 @@ def _heads(attn: nn.Module, t: torch.Tensor) -> torch.Tensor:
 def _class_query(attn: nn.Module, z: torch.Tensor) -> torch.Tensor:
     """The class token's query (after ``q_norm``), times ``scale / heads``: ``[B, T, C] -> [B, A]``."""
     B = z.shape[0]
-    w_q, b_q = _slice(attn, 0)
+    w_q, b_q = qkv_part(attn, 0)
     q = attn.q_norm(F.linear(z[:, 0], w_q, b_q).reshape(B, attn.num_heads, attn.head_dim))
     return q.reshape(B, -1) * (attn.scale / attn.num_heads)
 
@@ -133,7 +125,7 @@ def _class_query(attn: nn.Module, z: torch.Tensor) -> torch.Tensor:
 def _keys(attn: nn.Module, z: torch.Tensor) -> torch.Tensor:
     """Keys of all rows, token-major, after ``k_norm``: ``[B, T, C] -> [B, T, A]``."""
     B, T, _ = z.shape
-    w_k, b_k = _slice(attn, 1)
+    w_k, b_k = qkv_part(attn, 1)
     k = F.linear(z, w_k, b_k)
     return attn.k_norm(k.reshape(B, T, attn.num_heads, attn.head_dim)).reshape(B, T, -1)
 
@@ -181,7 +173,7 @@ def rank_scores(attn: nn.Module, z: torch.Tensor, num_prefix: int
     """
     q = _class_query(attn, z)                                        # [B, A]
     if low_rank_scoring(attn):
-        return scores_through_linear_keys(q, z[:, num_prefix:], *_slice(attn, 1)), None
+        return scores_through_linear_keys(q, z[:, num_prefix:], *qkv_part(attn, 1)), None
     k = _keys(attn, z)
     return (k[:, num_prefix:] * q.unsqueeze(1)).sum(-1), k           # not a bmm: see scores_through_linear_keys
 
@@ -262,8 +254,8 @@ def idle_block_masked(block: nn.Module, x: torch.Tensor, keep: int, num_prefix: 
     index = select_rows(score, keep, num_prefix)
     k = _heads(attn, _keys(attn, z) if k_all is None else k_all)
     mask = index_to_mask(index, T)
-    w_q, b_q = _slice(attn, 0)
-    w_v, b_v = _slice(attn, 2)
+    w_q, b_q = qkv_part(attn, 0)
+    w_v, b_v = qkv_part(attn, 2)
     q = attn.q_norm(_heads(attn, F.linear(z, w_q, b_q)))
     v = _heads(attn, F.linear(z, w_v, b_v))
     # dtype minimum, not -inf or -1e5: finite in every dtype (the class key is never masked)
