@@ -77,9 +77,7 @@ def _method_options(args: argparse.Namespace, defaults: bool = True) -> dict[str
 
 
 def _build(args: argparse.Namespace):
-    from .models import create_model
-
-    from .models import load_checkpoint
+    from .models import create_model, load_checkpoint, read_checkpoint, state_dict_of
 
     base = create_model(args.model, pretrained=args.pretrained, img_size=args.img_size)
     base.eval()
@@ -89,9 +87,10 @@ def _build(args: argparse.Namespace):
         reduced = api.apply(copy.deepcopy(base), args.method, **options)
     if args.checkpoint:
         # after apply, so a checkpoint of a reduced model (with vitrim.* predictor weights) loads too
+        state = state_dict_of(read_checkpoint(args.checkpoint))
         if reduced is not None:
-            load_checkpoint(reduced, args.checkpoint)
-        load_checkpoint(base, args.checkpoint, ignore_prefix="vitrim.")
+            load_checkpoint(reduced, state, path=args.checkpoint)
+        load_checkpoint(base, state, ignore_prefix="vitrim.", path=args.checkpoint)
     if not (args.pretrained or args.checkpoint):
         print(f"note: {args.model} has random weights (no --pretrained/--checkpoint): "
               f"FLOPs and speed are valid, accuracy is not", file=sys.stderr)
@@ -200,9 +199,9 @@ def _merge_config(args: argparse.Namespace, argv: Sequence[str]) -> argparse.Nam
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from .train.data import build_digits, default_data_root
+    from .train.data import build_digits, default_digits_root
 
-    out = args.output or str(default_data_root() / "digits64")
+    out = args.output or str(default_digits_root())
     root = build_digits(out, seed=args.seed)
     print(f"wrote the digits canvases (64x64, 10 classes) to {root}/train and {root}/val")
     return 0
@@ -249,16 +248,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .models import create_model, load_checkpoint
+    from .models import create_model, load_checkpoint, read_checkpoint, state_dict_of
     from .train.data import ensure_digits, eval_transform, image_dataset, resolve_split, build_eval_loader
     from .train.evaluate import evaluate
     from .zoo import EMBEDDED_MODEL
 
-    saved = {}
-    if args.checkpoint:
-        if not os.path.isfile(args.checkpoint):
-            raise VitrimError(f"checkpoint {args.checkpoint!r} does not exist or is not a file")
-        saved = (torch.load(args.checkpoint, map_location="cpu", weights_only=False) or {}).get("config", {}) or {}
+    saved, state = {}, {}
+    if args.checkpoint:  # read once: the run's config (vitrim train) and the weights
+        stored = read_checkpoint(args.checkpoint)
+        saved = (stored.get("config") if isinstance(stored, dict) else None) or {}
+        state = state_dict_of(stored)
     model_name = args.model or saved.get("model") or EMBEDDED_MODEL
     if args.method is None:
         args.method = saved.get("method", "none") if saved else "none"
@@ -278,16 +277,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.method not in ("none", ""):
         reduced = api.apply(copy.deepcopy(base), args.method, **options)
         if args.checkpoint:
-            load_checkpoint(reduced, args.checkpoint)
+            load_checkpoint(reduced, state, path=args.checkpoint)
             if not args.no_baseline and saved.get("method") not in (None, "none"):
                 # the baseline of a fine-tuned reduced model is its own weights, unreduced
-                load_checkpoint(base, args.checkpoint, ignore_prefix="vitrim.")
+                load_checkpoint(base, state, ignore_prefix="vitrim.", path=args.checkpoint)
         if not args.no_baseline:
             models[f"{model_name} (unreduced)"] = base
         models[f"{model_name} + {_label(args.method, options).strip()}"] = reduced
     else:
         if args.checkpoint:
-            load_checkpoint(base, args.checkpoint)
+            load_checkpoint(base, state, path=args.checkpoint)
         models[model_name] = base
     dataset = image_dataset(folder, transform=eval_transform(base))
     loader = build_eval_loader(dataset, args.batch_size, args.workers)

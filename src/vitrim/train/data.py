@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..errors import VitrimError
 
-__all__ = ["default_data_root", "build_digits", "ensure_digits", "resolve_split", "image_dataset",
-           "train_transform", "eval_transform", "build_train_loader", "build_eval_loader", "DIGITS_CANVAS"]
+__all__ = ["default_data_root", "default_digits_root", "build_digits", "ensure_digits", "resolve_split",
+           "image_dataset", "train_transform", "eval_transform", "build_train_loader", "build_eval_loader", "DIGITS_CANVAS"]
 
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 DIGITS_CANVAS = 64      # canvas side in pixels: 8 x 8 = 64 patches of 8 px
@@ -70,16 +70,22 @@ def build_digits(root: str | os.PathLike, val_fraction: float = 0.2, seed: int =
     return root
 
 
+def default_digits_root() -> Path:
+    """Where the embedded dataset lives unless told otherwise."""
+    return default_data_root() / f"digits{DIGITS_CANVAS}"
+
+
 def ensure_digits(root: Optional[str | os.PathLike] = None) -> Path:
     """The embedded dataset, built on first use."""
-    root = Path(root) if root is not None else default_data_root() / f"digits{DIGITS_CANVAS}"
+    root = Path(root) if root is not None else default_digits_root()
     if not (root / "VERSION").is_file():
         build_digits(root)
     return root
 
 
-def _count_images(folder: Path) -> int:
-    return sum(1 for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
+def _has_images(folder: Path) -> bool:
+    """Stops at the first image: the dataset itself scans the tree afterwards."""
+    return any(p.suffix.lower() in IMG_EXTENSIONS for p in folder.rglob("*"))
 
 
 def resolve_split(data: str | os.PathLike, split: str) -> Path:
@@ -97,7 +103,7 @@ def resolve_split(data: str | os.PathLike, split: str) -> Path:
     if split == "train" and folder == data and (data / "val").is_dir():
         raise VitrimError(f"{str(data)!r} has a val/ folder but no train/ folder")
     classes = [p for p in folder.iterdir() if p.is_dir()]
-    if not classes or _count_images(folder) == 0:
+    if not classes or not _has_images(folder):
         raise VitrimError(f"data folder {str(folder)!r} holds no images in class sub-folders "
                           f"(accepted extensions: {', '.join(IMG_EXTENSIONS)})")
     return folder
