@@ -16,7 +16,7 @@ from ..errors import OptionError
 from ..ops.attention import attend, project, split_qkv
 from ..ops.prune import attend_with_policy, gather_tokens
 from ..state import ForwardState
-from .base import ModelInfo, ReductionMethod
+from .base import ModelInfo, ReductionMethod, is_int, is_real
 
 __all__ = ["PruneRecord", "PruningMethod", "parse_locations", "parse_keep_rate", "prune_records",
            "attention_residual", "mlp_residual", "masked_block_forward"]
@@ -66,21 +66,13 @@ def prune_records(state: ForwardState) -> list[PruneRecord]:
     return [r for r in state.records if isinstance(r, PruneRecord)]
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_real(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def parse_locations(locations: Any, depth: int) -> tuple[int, ...]:
     """Validated 0-based block indices: a sorted sequence of distinct ints in ``[0, depth - 1]``."""
     accepted = (f"accepted: a strictly increasing sequence of distinct 0-based block indices in "
                 f"[0, {depth - 1}] (e.g. (3, 6, 9) or range(3, 12, 3)), or () for none")
-    if _is_int(locations):
+    if is_int(locations):
         locations = (locations,)
-    if not isinstance(locations, (list, tuple, range)) or not all(_is_int(v) for v in locations):
+    if not isinstance(locations, (list, tuple, range)) or not all(is_int(v) for v in locations):
         raise OptionError(f"locations={locations!r} is not a sequence of ints; {accepted}")
     locs = tuple(int(v) for v in locations)
     bad = [v for v in locs if not 0 <= v < depth]
@@ -102,12 +94,12 @@ def parse_keep_rate(keep_rate: Any, num_locations: int, cumulative: bool) -> tup
     """
     forms = ("accepted: a keep rate in (0, 1], or a list of one rate in (0, 1] per location"
              + (" (ratios of the input patch count, non-increasing)" if cumulative else ""))
-    if _is_real(keep_rate):
+    if is_real(keep_rate):
         r = float(keep_rate)
         if not 0.0 < r <= 1.0:
             raise OptionError(f"keep_rate={keep_rate!r} is outside (0, 1]; {forms}")
         return r, tuple(r ** s if cumulative else r for s in range(1, num_locations + 1))
-    if isinstance(keep_rate, (list, tuple)) and all(_is_real(v) for v in keep_rate):
+    if isinstance(keep_rate, (list, tuple)) and all(is_real(v) for v in keep_rate):
         rates = tuple(float(v) for v in keep_rate)
         if len(rates) != num_locations:
             raise OptionError(f"keep_rate has {len(rates)} entries for {num_locations} locations; {forms}")
@@ -131,7 +123,6 @@ class PruningMethod(ReductionMethod):
 
     #: keep counts relative to the current count (EViT, eTPS) or the original one (DynamicViT, dTPS)
     cumulative_rates: ClassVar[bool] = False
-    supported_pools = ("token", "avg", "avgmax", "max", "")
 
     def __init__(self, info: ModelInfo) -> None:
         super().__init__(info)
@@ -152,11 +143,7 @@ class PruningMethod(ReductionMethod):
 
     def update(self, **options: Any) -> None:
         """Change options between forwards, validated as in ``apply``; learned weights are kept."""
-        accepted = self.option_names()
-        unknown = sorted(set(options) - set(accepted))
-        if unknown:
-            raise OptionError(f"unknown option(s) {', '.join(unknown)} for method {self.name!r}; "
-                              f"accepted: {', '.join(accepted)}")
+        self.check_option_names(options)
         self._configure(**{**self.options(), **options})
 
     def _set(self, values: dict[str, Any]) -> None:

@@ -17,7 +17,18 @@ from torch import nn
 from ..errors import OptionError
 from ..state import ForwardState
 
-__all__ = ["ModelInfo", "BlockTokens", "ReductionMethod", "register_method", "get_method_class", "method_names"]
+__all__ = ["ModelInfo", "BlockTokens", "ReductionMethod", "register_method", "get_method_class", "method_names",
+           "is_int", "is_real"]
+
+
+def is_int(v: Any) -> bool:
+    """An ``int`` option value (``bool`` is not one)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_real(v: Any) -> bool:
+    """An ``int`` or ``float`` option value (``bool`` is not one)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
@@ -104,12 +115,17 @@ class ReductionMethod(nn.Module):
 
     @classmethod
     def create(cls, info: ModelInfo, **options: Any) -> "ReductionMethod":
+        cls.check_option_names(options)
+        return cls(info, **options)
+
+    @classmethod
+    def check_option_names(cls, options: dict[str, Any]) -> None:
+        """Raise :class:`OptionError` naming the accepted options if ``options`` has others."""
         accepted = cls.option_names()
         unknown = sorted(set(options) - set(accepted))
         if unknown:
             raise OptionError(f"unknown option(s) {', '.join(unknown)} for method {cls.name!r}; "
                               f"accepted: {', '.join(accepted) or 'none'}")
-        return cls(info, **options)
 
     def options(self) -> dict[str, Any]:
         """Current option values (what ``apply`` would need to rebuild this method)."""

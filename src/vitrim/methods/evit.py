@@ -20,7 +20,7 @@ from ..ops.attention import class_attention_logits
 from ..ops.prune import class_attention_probs, fused_token, gather_tokens, keep_count_current, rank_tokens
 from ..state import ForwardState
 from ._pruning import PruningMethod, attention_residual, mlp_residual
-from .base import BlockTokens, ModelInfo, register_method
+from .base import BlockTokens, ModelInfo, is_int, register_method
 
 __all__ = ["EViT", "keep_rate_schedule"]
 
@@ -105,7 +105,7 @@ class EViT(PruningMethod):
         if tokens is None:
             return None, None
         def ok(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+            return is_int(v) and v >= 1
 
         if ok(tokens):
             return tokens, (tokens,) * num_locations

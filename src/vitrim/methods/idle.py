@@ -34,7 +34,7 @@ from ..errors import OptionError
 from ..ops.idle import (IdleRecord, idle_block_gather, idle_block_masked, keep_count, pvt_idle_block_gather,
                         pvt_idle_block_masked)
 from ..state import ForwardState
-from .base import BlockTokens, ModelInfo, ReductionMethod, register_method
+from .base import BlockTokens, ModelInfo, ReductionMethod, is_int, register_method
 
 __all__ = ["IdleViT", "default_idle_layers"]
 
@@ -48,10 +48,6 @@ def default_idle_layers(info: ModelInfo) -> tuple[int, ...]:
     if info.family == PYRAMID_FAMILY and stage_depths:
         return tuple(range(stage_depths[0], info.depth))
     return tuple(range(info.depth // 4, info.depth))
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @register_method
@@ -68,7 +64,6 @@ class IdleViT(ReductionMethod):
 
     name = "idle"
     aliases = ("idlevit",)
-    supported_pools = ("token", "avg", "avgmax", "max", "")
     #: adapters whose models this method can reduce (the pyramid adapter checks this).
     families = ("timm-vit", PYRAMID_FAMILY)
 
@@ -95,7 +90,7 @@ class IdleViT(ReductionMethod):
         layers = tuple(layers)
         if not layers:
             raise OptionError(f"layers is empty; {accepted}")
-        if not all(_is_int(i) for i in layers):
+        if not all(is_int(i) for i in layers):
             raise OptionError(f"layers must hold ints, got {layers!r}; {accepted}")
         bad = [i for i in layers if not 0 <= i < info.depth]
         if bad:

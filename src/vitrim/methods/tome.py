@@ -16,7 +16,7 @@ from ..errors import OptionError
 from ..ops.attention import attention_with_key_bias, log_size_bias
 from ..ops.merge import bipartite_soft_matching, clamp_r, merge_source, merge_wavg
 from ..state import ForwardState
-from .base import BlockTokens, ModelInfo, ReductionMethod, register_method
+from .base import BlockTokens, ModelInfo, ReductionMethod, is_int, register_method
 
 __all__ = ["ToMe", "parse_schedule"]
 
@@ -27,21 +27,17 @@ _SCHEDULE_FORMS = ("an int r >= 0 (the same r in every block), a list of per-blo
                    "r >= 0 and -1 <= inflect <= 1 (linear ramp)")
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def parse_schedule(r: Schedule, depth: int) -> list[int]:
     """Per-block tokens to remove, ``[r_0, ..., r_{L-1}]`` (tome.md §8).
 
     >>> parse_schedule((16, -1), 12)
     [32, 29, 26, 23, 20, 17, 14, 11, 8, 5, 2, 0]
     """
-    if _is_int(r):
+    if is_int(r):
         if r < 0:
             raise OptionError(f"r must be >= 0, got {r}; accepted: {_SCHEDULE_FORMS}")
         return [r] * depth
-    if isinstance(r, tuple) and len(r) == 2 and _is_int(r[0]) and isinstance(r[1], (int, float)) \
+    if isinstance(r, tuple) and len(r) == 2 and is_int(r[0]) and isinstance(r[1], (int, float)) \
             and not isinstance(r[1], bool):
         base, inflect = r[0], float(r[1])
         if base < 0 or not -1.0 <= inflect <= 1.0:
@@ -53,7 +49,7 @@ def parse_schedule(r: Schedule, depth: int) -> list[int]:
         end = 2 * base - start
         step = (end - start) / (depth - 1)
         return [int(start + step * i) for i in range(depth)]
-    if isinstance(r, list) and all(_is_int(v) for v in r):
+    if isinstance(r, list) and all(is_int(v) for v in r):
         if len(r) > depth:
             raise OptionError(f"r has {len(r)} entries but the model has {depth} blocks; "
                               f"accepted: {_SCHEDULE_FORMS}")
@@ -76,7 +72,6 @@ class ToMe(ReductionMethod):
     """
 
     name = "tome"
-    supported_pools = ("token", "avg", "avgmax", "max", "")
 
     def __init__(self, info: ModelInfo, r: Schedule = 0, prop_attn: bool = True,
                  trace_source: bool = False) -> None:
