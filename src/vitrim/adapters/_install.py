@@ -7,9 +7,14 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-__all__ = ["AdapterBase", "install_reduced_class", "uninstall_reduced_class", "overrides", "runs_own_forward"]
+from ..state import ForwardState
+
+__all__ = ["AdapterBase", "install_reduced_class", "uninstall_reduced_class", "overrides", "runs_own_forward",
+           "run_block"]
 
 _REDUCED_CLASSES: dict[tuple[type, str], type] = {}
 
@@ -22,6 +27,15 @@ def overrides(obj: object, base: type, name: str) -> bool:
 def runs_own_forward(module: nn.Module, cls: type) -> bool:
     """``module`` is a ``cls`` whose ``forward`` is ``cls``'s own."""
     return isinstance(module, cls) and not overrides(module, cls, "forward")
+
+
+def run_block(method: nn.Module, block: nn.Module, index: int, x: torch.Tensor, state: ForwardState,
+              use_checkpoint: bool) -> tuple[torch.Tensor, ForwardState]:
+    """``method.block_forward`` on one block, under activation checkpointing when asked (the state is
+    immutable, so the recomputation sees the block's inputs)."""
+    if use_checkpoint:
+        return checkpoint(method.block_forward, block, index, x, state, use_reentrant=False)
+    return method.block_forward(block, index, x, state)
 
 
 def install_reduced_class(model: nn.Module, method: nn.Module, family: str,

@@ -35,11 +35,11 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..errors import UnsupportedModelError, VitrimError
-from ..methods.base import BlockTokens, ModelInfo, ReductionMethod
+from ..methods.base import ModelInfo, ReductionMethod
 from ..state import ForwardState
+from ._install import AdapterBase, run_block
 
 __all__ = ["HFAdapter", "HFBlock", "HFAttention", "hf_blocks", "SUPPORTED_CLASSES"]
 
@@ -258,8 +258,9 @@ def _head_modules(model: nn.Module) -> list[nn.Module]:
 
 
 # ---------------------------------------------------------------------- the adapter
-class HFAdapter:
-    """Validates a transformers ViT / DeiT / CLIP vision model and installs/removes a method on it."""
+class HFAdapter(AdapterBase):
+    """Validates a transformers ViT / DeiT / CLIP vision model and installs/removes a method on it
+    (its own class cache and removal: the swapped classes keep HF's names for ``save_pretrained``)."""
 
     family = "hf"
 
@@ -268,9 +269,7 @@ class HFAdapter:
         return _supported_base(model) is not None
 
     def __init__(self, model: nn.Module, check: bool = True) -> None:
-        if check:
-            self._check(model)
-        self.model = model
+        super().__init__(model, check)
         self.trunk = _trunk(model)
 
     # ------------------------------------------------------------------ checks
@@ -335,22 +334,15 @@ class HFAdapter:
         model with the same shapes report the same numbers: blocks priced by ``block_macs`` on the
         façades, the patch-embedding convolution, and the linears applied to the pooled row
         (classifier(s); the ViT pooler's dense layer)."""
-        from ..measure.flops import block_macs  # measurement convention lives there; imported lazily
+        # the measurement convention lives there; imported lazily
+        from ..measure.flops import linear_macs, price_blocks
 
-        method = getattr(self.model, "vitrim", None)
         num_patches = self.num_patches(img_size)
         num_tokens = num_patches + _num_prefix_tokens(self.trunk)
-        blocks = self.blocks()
-        if method is None:
-            plan, extra = [BlockTokens(num_tokens, num_tokens, num_tokens)] * len(blocks), 0
-        else:
-            plan, extra = method.block_tokens(num_tokens), method.extra_macs(num_tokens)
-        conv = _patch_conv(self.trunk)
-        head = sum(m.in_features * m.out_features for h in _head_modules(self.model) for m in h.modules()
-                   if isinstance(m, nn.Linear))
-        return {"num_tokens": num_tokens, "embed_macs": conv.weight.numel() * num_patches, "head_macs": head,
-                "extra_macs": extra,
-                "layers": [(i, t.q, t.kv, t.mlp, block_macs(b, t)) for i, (b, t) in enumerate(zip(blocks, plan))]}
+        layers, extra = price_blocks(self.blocks(), getattr(self.model, "vitrim", None), num_tokens)
+        head = sum(linear_macs(h) for h in _head_modules(self.model))
+        return {"num_tokens": num_tokens, "embed_macs": _patch_conv(self.trunk).weight.numel() * num_patches,
+                "head_macs": head, "extra_macs": extra, "layers": layers}
 
     # ------------------------------------------------------------------ install
     def install(self, method: ReductionMethod) -> None:
@@ -424,10 +416,7 @@ def _run_blocks(self, x: torch.Tensor, keep_hidden: bool) -> tuple[torch.Tensor,
     hidden = (x,) if keep_hidden else ()
     use_ckpt = _use_checkpointing(self)
     for i, block in enumerate(self._vitrim_blocks):
-        if use_ckpt:
-            x, state = checkpoint(method.block_forward, block, i, x, state, use_reentrant=False)
-        else:
-            x, state = method.block_forward(block, i, x, state)
+        x, state = run_block(method, block, i, x, state, use_ckpt)
         if keep_hidden:
             hidden = hidden + (x,)
     method.finish(state)

@@ -24,12 +24,11 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..errors import UnsupportedModelError
 from ..methods.base import ModelInfo, ReductionMethod
 from ..state import ForwardState
-from ._install import AdapterBase, install_reduced_class, overrides, runs_own_forward
+from ._install import AdapterBase, install_reduced_class, overrides, run_block, runs_own_forward
 
 try:  # timm >= 1.0
     from timm.models import pvt_v2 as _pvt
@@ -221,10 +220,7 @@ def _run_stages(self, x: torch.Tensor, take: Optional[set[int]] = None):
         state = PyramidState(num_prefix_tokens=0, num_patches=H * W, records=records, feat_size=(H, W), stage=s)
         use_ckpt = stage.grad_checkpointing and self.training and not torch.jit.is_scripting()
         for block in stage.blocks:
-            if use_ckpt:
-                x, state = checkpoint(method.block_forward, block, index, x, state, use_reentrant=False)
-            else:
-                x, state = method.block_forward(block, index, x, state)
+            x, state = run_block(method, block, index, x, state, use_ckpt)
             index += 1
         records = state.records
         x = stage.norm(x).reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous()

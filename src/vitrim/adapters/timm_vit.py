@@ -14,12 +14,11 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..errors import UnsupportedModelError
 from ..methods.base import ModelInfo, ReductionMethod
 from ..state import ForwardState
-from ._install import AdapterBase, install_reduced_class, overrides, runs_own_forward
+from ._install import AdapterBase, install_reduced_class, overrides, run_block, runs_own_forward
 
 try:  # timm >= 1.0
     from timm.layers import Attention as TimmAttention
@@ -124,10 +123,7 @@ def _forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, ForwardState]:
     state = method.new_state(x)
     use_ckpt = self.grad_checkpointing and self.training and not torch.jit.is_scripting()
     for i, block in enumerate(self.blocks):
-        if use_ckpt:
-            x, state = checkpoint(method.block_forward, block, i, x, state, use_reentrant=False)
-        else:
-            x, state = method.block_forward(block, i, x, state)
+        x, state = run_block(method, block, i, x, state, use_ckpt)
     x = self.norm(x)
     method.finish(state)
     return x, state

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Optional, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from ..methods.base import BlockTokens
 
-__all__ = ["LayerFlops", "FlopsReport", "flops", "flops_report", "traced_flops", "block_macs"]
+__all__ = ["LayerFlops", "FlopsReport", "flops", "flops_report", "traced_flops", "block_macs", "linear_macs",
+           "price_blocks"]
 
 ImgSize = Union[int, tuple[int, int], None]
 
@@ -79,7 +80,7 @@ def model_name(model: nn.Module) -> str:
     return cfg.get("architecture") or getattr(type(model), "_vitrim_original_class", type(model)).__name__
 
 
-def _linear_macs(module: nn.Module) -> int:
+def linear_macs(module: nn.Module) -> int:
     """MACs per row of every ``nn.Linear`` inside ``module``."""
     return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
@@ -92,9 +93,23 @@ def block_macs(block: nn.Module, tokens: BlockTokens) -> int:
     macs += 2 * tokens.q * tokens.kv * attn.attn_dim            # QK^T and AV
     macs += attn.proj.in_features * attn.proj.out_features * tokens.q
     if getattr(attn, "gate", None) is not None:
-        macs += _linear_macs(attn.gate) * tokens.q
-    macs += _linear_macs(block.mlp) * tokens.mlp
+        macs += linear_macs(attn.gate) * tokens.q
+    macs += linear_macs(block.mlp) * tokens.mlp
     return macs + tokens.extra_macs
+
+
+def price_blocks(blocks: Sequence[nn.Module], method: Optional[nn.Module],
+                 num_tokens: int) -> tuple[list[tuple[int, int, int, int, int]], int]:
+    """ViT-layout blocks priced at the method's token plan (every token when ``method`` is None).
+
+    Returns:
+        ``([(index, tokens_in, tokens_kv, tokens_mlp, macs)] per block, the method's extra MACs)``.
+    """
+    if method is None:
+        plan, extra = [BlockTokens(num_tokens, num_tokens, num_tokens)] * len(blocks), 0
+    else:
+        plan, extra = method.block_tokens(num_tokens), method.extra_macs(num_tokens)
+    return [(i, t.q, t.kv, t.mlp, block_macs(b, t)) for i, (b, t) in enumerate(zip(blocks, plan))], extra
 
 
 def _embed_macs(model: nn.Module, num_patches: int) -> int:
@@ -102,15 +117,15 @@ def _embed_macs(model: nn.Module, num_patches: int) -> int:
     if isinstance(proj, nn.Conv2d):
         per_patch = proj.weight.numel() // proj.groups * proj.groups
         return per_patch * num_patches
-    return _linear_macs(proj) * num_patches
+    return linear_macs(proj) * num_patches
 
 
 def _head_macs(model: nn.Module) -> int:
     heads = [getattr(model, "head", None), getattr(model, "head_dist", None)]
-    macs = sum(_linear_macs(h) for h in heads if isinstance(h, nn.Module))
+    macs = sum(linear_macs(h) for h in heads if isinstance(h, nn.Module))
     attn_pool = getattr(model, "attn_pool", None)
     if attn_pool is not None:  # one latent query over all tokens; counted as its linears per token
-        macs += _linear_macs(attn_pool)
+        macs += linear_macs(attn_pool)
     return macs
 
 
@@ -140,20 +155,14 @@ def flops_report(model: nn.Module, img_size: ImgSize = None) -> FlopsReport:
             layers=[LayerFlops(*layer) for layer in plan["layers"]])
     num_patches = adapter.num_patches(size)
     num_tokens = num_patches + model.num_prefix_tokens
-    if method is None:
-        plan = [BlockTokens(num_tokens, num_tokens, num_tokens)] * len(model.blocks)
-        extra = 0
-    else:
-        plan = method.block_tokens(num_tokens)
-        extra = method.extra_macs(num_tokens)
-    layers = [LayerFlops(i, t.q, t.kv, t.mlp, block_macs(b, t)) for i, (b, t) in enumerate(zip(model.blocks, plan))]
+    layers, extra = price_blocks(model.blocks, method, num_tokens)
     return FlopsReport(
         model=model_name(model),
         method=None if method is None else method.name,
         options={} if method is None else method.options(),
         img_size=size, num_tokens=num_tokens,
         embed_macs=_embed_macs(model, num_patches), head_macs=_head_macs(model), extra_macs=extra,
-        layers=layers,
+        layers=[LayerFlops(*layer) for layer in layers],
     )
 
 
