@@ -50,8 +50,7 @@ def apply(model: nn.Module, method: str, **options: Any) -> nn.Module:
         raise AlreadyReducedError(
             f"this model already carries vitrim method {model.vitrim.name!r}; call vitrim.remove(model) "
             f"first, or change its options with vitrim.update(model, ...)")
-    budget = {k: options.pop(k) for k in ("target_gmacs", "target_speedup") if options.get(k) is not None}
-    options = {k: v for k, v in options.items() if k not in ("target_gmacs", "target_speedup")}
+    budget = {k: v for k in ("target_gmacs", "target_speedup") if (v := options.pop(k, None)) is not None}
     if budget:
         from .solve import solve
 

@@ -41,6 +41,7 @@ from torch import nn
 from .api import get_method
 from .errors import VitrimError
 from .methods.base import ReductionMethod
+from .ops.prune import rank_tokens
 from .state import ForwardState
 
 __all__ = ["restore_grid", "forward_dense", "patch_owners"]
@@ -55,14 +56,11 @@ def _prune_stages(state: ForwardState) -> list:
             if getattr(r, "index", None) is not None and getattr(r, "positions", None) is not None]
 
 
-def _rest_index(rec, num_in: int) -> torch.Tensor:
+def _rest_index(rec) -> torch.Tensor:
     """``[B, n - k]`` rows pruned at a stage, in the order its ``hosts`` are given: ``rec.rest`` if
-    recorded, else the ranking order (stable descending ``scores`` after the top ``k``)."""
+    recorded, else the ranking order (the rest of :func:`~vitrim.ops.prune.rank_tokens`)."""
     rest = getattr(rec, "rest", None)
-    if rest is not None:
-        return rest
-    order = torch.argsort(rec.scores, dim=-1, descending=True, stable=True)
-    return order[:, rec.index.shape[1]:]
+    return rest if rest is not None else rank_tokens(rec.scores, rec.index.shape[1])[1]
 
 
 def _stage_map(rec, num_in: int) -> torch.Tensor:
@@ -76,7 +74,7 @@ def _stage_map(rec, num_in: int) -> torch.Tensor:
         inv.fill_(k)
     hosts = getattr(rec, "hosts", None)
     if hosts is not None:
-        inv.scatter_(1, _rest_index(rec, num_in), hosts.long())
+        inv.scatter_(1, _rest_index(rec), hosts.long())
     elif rec.method in _SQUEEZING_METHODS and k < num_in:
         raise VitrimError(
             f"dense features for {rec.method!r} fill a pruned patch from its host (the kept token it was "

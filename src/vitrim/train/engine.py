@@ -257,7 +257,7 @@ def train(cfg: TrainConfig) -> dict:
             if shrink_target is not None:
                 rate = keep_rate_schedule(epoch * len(loader) + step, len(loader), shrink_target,
                                           recipe.shrink_start_epoch, recipe.shrink_epochs)
-                if rate != method_module.options()["keep_rate"]:
+                if rate != method_module.keep_rate:
                     method_module.update(keep_rate=rate)
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             if mixup is not None:
@@ -266,8 +266,9 @@ def train(cfg: TrainConfig) -> dict:
                 teacher_out = objective.run_teacher(images)
                 logits, tokens, state = student(images)
                 loss, terms = objective(StudentOutput(logits, tokens, state), targets, teacher_out)
-            if not math.isfinite(loss.item()):
-                raise VitrimError(f"loss became {loss.item()} at epoch {epoch}; terms {terms}. The last good "
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise VitrimError(f"loss became {loss_value} at epoch {epoch}; terms {terms}. The last good "
                                   f"checkpoint is {output / 'last.pt'}; lower the learning rate or enable clipping")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -278,7 +279,7 @@ def train(cfg: TrainConfig) -> dict:
             scaler.update()
             n = images.shape[0]
             seen += n
-            for k, v in {"loss": loss.item(), **terms}.items():
+            for k, v in {"loss": loss_value, **terms}.items():
                 sums[k] = sums.get(k, 0.0) + v * n
             bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}", img_s=f"{seen * world / (time.perf_counter() - t0):.0f}")
         train_seconds = time.perf_counter() - t0
