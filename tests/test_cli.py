@@ -64,6 +64,17 @@ def test_errors_exit_2(argv, match, capsys):
     assert match in capsys.readouterr().err
 
 
+def test_checkpoint_with_more_than_weights(tmp_path, capsys):
+    # a training run's last.pt carries numpy RNG state: not loaded with weights_only, said clearly
+    import numpy as np
+    import timm
+    path = tmp_path / "last.pt"
+    torch.save({"model": timm.create_model("deit_tiny_patch16_224").state_dict(), "rng": np.random.get_state()}, path)
+    for cmd in ("flops", "eval"):
+        assert main([cmd, "--model", "deit_tiny_patch16_224", "--checkpoint", str(path)]) == 2
+        assert "holds objects other than weights" in capsys.readouterr().err
+
+
 def test_checkpoint_of_other_architecture(tmp_path, capsys):
     import timm
     path = tmp_path / "tiny.pt"
