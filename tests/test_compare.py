@@ -4,8 +4,8 @@ import csv
 
 import pytest
 
-from vitrim.compare import (add_compare_parser, compare, default_sweep, markdown_table, pareto_front,
-                            parse_checkpoints, parse_sweep)
+from vitrim.cli.compare import add_compare_parser
+from vitrim.compare import compare, default_sweep, markdown_table, pareto_front, parse_checkpoints, parse_sweep
 from vitrim.errors import VitrimError
 
 

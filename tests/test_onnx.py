@@ -12,7 +12,8 @@ pytest.importorskip("onnxscript")
 import vitrim  # noqa: E402
 from conftest import small_vit  # noqa: E402
 from test_compile_methods import reduced_options  # noqa: E402
-from vitrim.export import add_export_parser, check_onnx, verify_onnx  # noqa: E402
+from vitrim.cli.export import add_export_parser
+from vitrim.export import check_onnx, verify_onnx  # noqa: E402
 
 METHODS = vitrim.methods()
 SIZE = (2, 3, 64, 64)

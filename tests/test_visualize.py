@@ -7,7 +7,8 @@ import torch
 
 import vitrim
 from vitrim.models import create_model
-from vitrim.visualize import add_visualize_parser, load_image, method_panels, visualize
+from vitrim.cli.visualize import add_visualize_parser
+from vitrim.visual import load_image, method_panels, visualize
 
 
 @pytest.fixture(scope="module")

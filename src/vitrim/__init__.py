@@ -6,18 +6,23 @@
 Reduced...
 >>> round(vitrim.flops(model), 2)
 2.7
+
+A new method is one ``ReductionMethod`` subclass decorated with ``vitrim.register_method``; a new
+model family one ``Adapter`` subclass decorated with ``vitrim.register_adapter``
+(``docs/architecture.md``).
 """
 from . import methods as _methods  # noqa: F401  (registers the methods)
 from . import zoo as _zoo  # noqa: F401  (registers vitrim's timm models)
-from .api import apply, forward_tokens, forward_with_state, get_method, is_reduced, methods, remove, update
-from .dense import forward_dense, restore_grid
+from .adapters import Adapter, register_adapter
+from .api import (apply, flops, flops_report, forward_tokens, forward_with_state, get_method, is_reduced, methods,
+                  remove, traced_flops, update)
 from .errors import AlreadyReducedError, NotReducedError, OptionError, UnsupportedModelError, VitrimError
 from .export import export_onnx
-from .solve import solve
-from .measure.flops import flops, flops_report, traced_flops
+from .methods.base import BlockTokens, ModelInfo, ReductionMethod, TokenMap, register_method
 from .ops.merge import unmerge_from_source
+from .solve import solve
 from .state import ForwardState
-from .visual import source_to_grid
+from .visual import forward_dense, restore_grid, source_to_grid
 
 __version__ = "0.1.0"
 
@@ -26,4 +31,5 @@ __all__ = [
     "flops", "flops_report", "traced_flops", "source_to_grid", "unmerge_from_source", "ForwardState",
     "VitrimError", "OptionError", "UnsupportedModelError", "AlreadyReducedError", "NotReducedError",
     "export_onnx", "restore_grid", "forward_dense", "solve",
+    "ReductionMethod", "register_method", "ModelInfo", "BlockTokens", "TokenMap", "Adapter", "register_adapter",
 ]

@@ -1,26 +1,27 @@
-"""The public entry points: ``apply``, ``remove``, ``update``, ``methods``, ``forward_tokens``."""
+"""The public entry points: ``apply``, ``remove``, ``update``, ``methods``, ``forward_tokens``, ``flops``."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
-from .adapters import get_adapter
-from .errors import AlreadyReducedError, NotReducedError, OptionError
-from .methods.base import ReductionMethod, get_method_class, method_names
+from .adapters import attach, get_adapter, is_reduced
+from .errors import AlreadyReducedError, NotReducedError, VitrimError
+from .measure.flops import FlopsReport, count_traced, model_name
+from .methods.base import ReductionMethod, method_names
+from .solve import solve
 from .state import ForwardState
 
-__all__ = ["apply", "remove", "update", "methods", "get_method", "is_reduced", "forward_tokens", "forward_with_state"]
+__all__ = ["apply", "remove", "update", "methods", "get_method", "is_reduced", "forward_tokens", "forward_with_state",
+           "flops", "flops_report", "traced_flops", "resolve_img_size"]
+
+ImgSize = Union[int, tuple[int, int], None]
 
 
 def methods() -> list[str]:
     """Names of the available reduction methods."""
     return method_names()
-
-
-def is_reduced(model: nn.Module) -> bool:
-    return getattr(type(model), "_vitrim_original_class", None) is not None
 
 
 def get_method(model: nn.Module) -> ReductionMethod:
@@ -34,7 +35,7 @@ def apply(model: nn.Module, method: str, **options: Any) -> nn.Module:
     """Install a token-reduction method on ``model`` in place and return it.
 
     Args:
-        model: a supported model (timm ``VisionTransformer`` family).
+        model: a supported model (timm ``VisionTransformer`` family, PVT-v2 for idle, Hugging Face ViT / DeiT / CLIP).
         method: one of :func:`methods` (e.g. ``"tome"``).
         **options: the method's options (ToMe: ``r``, ``prop_attn``, ``trace_source``); or a budget,
             ``target_gmacs=`` / ``target_speedup=``, that :func:`vitrim.solve` turns into the
@@ -52,20 +53,8 @@ def apply(model: nn.Module, method: str, **options: Any) -> nn.Module:
             f"first, or change its options with vitrim.update(model, ...)")
     budget = {k: v for k in ("target_gmacs", "target_speedup") if (v := options.pop(k, None)) is not None}
     if budget:
-        from .solve import solve
-
         options = solve(model, method, **budget, **options)
-    method_cls = get_method_class(method)
-    adapter = get_adapter(model)
-    info = adapter.info()
-    if info.global_pool not in method_cls.supported_pools:
-        raise OptionError(f"method {method_cls.name!r} cannot keep pooling {info.global_pool!r} correct; "
-                          f"accepted pooling: {', '.join(repr(p) for p in method_cls.supported_pools)}")
-    reducer = method_cls.create(info, **options)
-    param = next(model.parameters(), None)
-    if param is not None:
-        reducer.to(param.device)
-    adapter.install(reducer)
+    attach(model, method, **options)
     return model
 
 
@@ -94,3 +83,53 @@ def forward_with_state(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor,
     and the forward's :class:`ForwardState` (sizes, source, policy, per-stage records)."""
     get_method(model)
     return model.forward_with_state(x)
+
+
+# ---------------------------------------------------------------------- FLOPs
+def resolve_img_size(model: nn.Module, img_size: ImgSize = None) -> tuple[int, int]:
+    """``(H, W)`` from an int, a pair, or ``None`` (the model's default input size)."""
+    if img_size is None:
+        return tuple(get_adapter(model).default_img_size())
+    if isinstance(img_size, int) and not isinstance(img_size, bool):
+        return img_size, img_size
+    if not isinstance(img_size, (tuple, list)) or len(img_size) != 2:
+        raise ValueError(f"img_size must be an int or (height, width), got {img_size!r}")
+    return int(img_size[0]), int(img_size[1])
+
+
+def flops_report(model: nn.Module, img_size: ImgSize = None) -> FlopsReport:
+    """Per-layer analytic GMACs of ``model`` as reduced now (or unreduced), at batch 1."""
+    adapter = get_adapter(model)
+    size = resolve_img_size(model, img_size)
+    method: Optional[ReductionMethod] = getattr(model, "vitrim", None) if is_reduced(model) else None
+    plan = adapter.cost_plan(size, method)
+    return FlopsReport(**vars(plan), model=model_name(model), method=None if method is None else method.name,
+                       options={} if method is None else method.options(), img_size=size)
+
+
+def flops(model: nn.Module, img_size: ImgSize = None) -> float:
+    """Analytic GMACs of ``model`` as reduced now, in the papers' convention (batch 1).
+
+    >>> import timm, vitrim
+    >>> m = timm.create_model("deit_small_patch16_224")
+    >>> round(vitrim.flops(m), 2), round(vitrim.flops(vitrim.apply(m, "tome", r=13)), 2)
+    (4.6, 2.7)
+    """
+    return flops_report(model, img_size).gmacs
+
+
+def traced_flops(model: nn.Module, img_size: ImgSize = None, detail: bool = False):
+    """GMACs measured by ``FlopCounterMode`` (FLOPs / 2) on one forward at batch 1.
+
+    If the model calls a fused attention kernel the counter has no formula for, the count is
+    repeated with explicit attention (see :func:`vitrim.measure.flops.count_traced`).
+
+    Returns GMACs, or ``(GMACs, info dict)`` with ``detail=True``.
+    """
+    size = resolve_img_size(model, img_size)
+    param = next(model.parameters(), None)
+    if param is None:
+        raise VitrimError(f"{type(model).__name__} has no parameters to trace a forward with")
+    x = torch.zeros(1, 3, *size, device=param.device, dtype=param.dtype)
+    gmacs, info = count_traced(model, x)
+    return (gmacs, info) if detail else gmacs

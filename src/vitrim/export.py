@@ -13,7 +13,6 @@ Scatter-reduce stays within what ONNX has: ToMe's size-weighted merge scatters w
 """
 from __future__ import annotations
 
-import argparse
 import inspect
 import os
 import sys
@@ -24,7 +23,7 @@ from torch import nn
 
 from .errors import VitrimError
 
-__all__ = ["export_onnx", "check_onnx", "verify_onnx", "add_export_parser", "cmd_export"]
+__all__ = ["export_onnx", "check_onnx", "verify_onnx"]
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 17
@@ -172,44 +171,3 @@ def verify_onnx(model: nn.Module, path: Union[str, os.PathLike], x: Optional[tor
         model.train(was_training)
     out = torch.from_numpy(sess.run(None, {inp.name: x.to(param.dtype).cpu().numpy()})[0]).float()
     return (out - ref).abs().max().item()
-
-
-# ---------------------------------------------------------------------- CLI
-def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``vitrim export`` (same model and method flags as ``vitrim flops``)."""
-    from .cli import _add_model_args
-
-    p = subparsers.add_parser(
-        "export", help="export a (reduced) model to ONNX with static shapes",
-        description="Export the model with the method applied to ONNX (opset >= 17, static shapes); "
-                    "--verify compares onnxruntime (CPU) with PyTorch on a random input.")
-    _add_model_args(p)
-    p.add_argument("--output", "-o", required=True, metavar="PATH", help="the .onnx file to write")
-    p.add_argument("--batch-size", type=int, default=1, help="batch size fixed in the graph (default: 1)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
-    p.add_argument("--verify", action="store_true", help="run the graph in onnxruntime and report the max abs difference")
-    p.set_defaults(func=cmd_export)
-    return p
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    """``vitrim export``: build the model as ``vitrim flops`` does, export it, report the graph."""
-    from .adapters import get_adapter
-    from .cli import _build
-
-    base, reduced, options = _build(args)
-    model = reduced if reduced is not None else base
-    h, w = (args.img_size, args.img_size) if args.img_size else get_adapter(model).default_img_size()
-    size = (args.batch_size, 3, h, w)
-    path = export_onnx(model, args.output, input_size=size, opset=args.opset, check=False)
-    summary = check_onnx(path, input_size=size)
-    label = args.method if reduced is not None else "none"
-    print(f"wrote {path}: {args.model} method={label} {options or ''} input={size} "
-          f"opset={summary['opset']} nodes={summary['nodes']}")
-    if args.verify:
-        diff = verify_onnx(model, path)
-        print(f"onnxruntime vs PyTorch: max abs difference {diff:.3e}")
-        if not diff <= 1e-4:
-            print("vitrim: warning: the difference exceeds 1e-4", file=sys.stderr)
-            return 1
-    return 0

@@ -1,8 +1,10 @@
 """Budgets: the option values of a method that meet a GMACs or speed-up target.
 
-``vitrim.solve(model, "tome", target_gmacs=3.0)`` searches the method's strength option (ToMe: a
-constant ``r`` per block; the other methods: ``keep_rate`` on a 0.01 grid) with the analytic FLOPs
-counter, so nothing is guessed and no forward is run (a ``torch.device("meta")`` model works).
+``vitrim.solve(model, "tome", target_gmacs=3.0)`` searches the method's strength option (its
+``strength`` and ``strength_grid``: ToMe a constant ``r`` per block; the keep-rate methods
+``keep_rate`` on a 0.01 grid) and prices each candidate with the model's cost plan
+(``Adapter.cost_plan``), so nothing is guessed, no forward is run and the user's model is never
+touched (a ``torch.device("meta")`` model works).
 
 What "meets the budget most closely" means (``rule``):
 
@@ -26,12 +28,14 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .adapters import attach, bind, get_adapter, is_reduced
 from .errors import OptionError
+from .measure.bench import benchmark
+from .methods.base import get_method_class
 
 __all__ = ["Candidate", "solve", "candidates", "strength_option"]
 
 RULES = ("nearest", "within")
-KEEP_RATE_GRID = tuple(round(0.01 * i, 2) for i in range(1, 101))
 _RANGE_TOL = 0.01  # relative slack at the ends of the reachable range
 
 
@@ -44,23 +48,20 @@ class Candidate:
 
 
 def strength_option(method: str) -> str:
-    """The option a budget sets: ``r`` for ToMe, ``keep_rate`` for the others."""
-    from .methods.base import get_method_class
-
+    """The option a budget sets (the method's ``strength``: ``r`` for ToMe, ``keep_rate`` for the others)."""
     cls = get_method_class(method)
-    if cls.name == "tome":
-        return "r"
-    if "keep_rate" in cls.option_names():
-        return "keep_rate"
-    raise OptionError(f"method {cls.name!r} has no strength option a budget can set; accepted methods: tome "
-                      f"and those with a keep_rate")
+    if cls.strength is None:
+        raise OptionError(f"method {cls.name!r} has no strength option a budget can set; accepted methods: tome "
+                          f"and those with a keep_rate")
+    return cls.strength
 
 
-def _strength_values(method: str, num_patches: int) -> list[Any]:
-    """Values searched, from the weakest reduction to the strongest."""
-    if strength_option(method) == "r":
-        return list(range(0, num_patches // 2 + 1))
-    return sorted(KEEP_RATE_GRID, reverse=True)
+def _img_size(model: nn.Module, img_size: Optional[int]) -> tuple[int, int]:
+    return (img_size, img_size) if img_size else tuple(get_adapter(model).default_img_size())
+
+
+def _gmacs(adapter, size: tuple[int, int], method) -> float:
+    return adapter.cost_plan(size, method).gmacs
 
 
 def candidates(model: nn.Module, method: str, img_size: Optional[int] = None,
@@ -68,43 +69,35 @@ def candidates(model: nn.Module, method: str, img_size: Optional[int] = None,
     """Every searched setting of ``method`` on ``model`` with its GMACs, weakest first.
 
     ``fixed`` holds other options kept as given (e.g. ``locations=(3, 6, 9)``). Settings the method
-    rejects are skipped; of settings with equal GMACs only the weakest is kept.
+    rejects are skipped; of settings with equal GMACs only the weakest is kept. The model itself
+    is not changed: each setting is priced with the adapter's cost plan.
     """
-    from . import api
-    from .adapters import get_adapter
-    from .measure.flops import flops
-
-    if api.is_reduced(model):
+    if is_reduced(model):
         raise OptionError("solve needs the unreduced model; call vitrim.remove(model) first")
     key = strength_option(method)
     if key in fixed:
         raise OptionError(f"{key} is what the budget solves for; do not pass it together with a target")
-    num_patches = get_adapter(model).info().num_patches
+    adapter, reducer = bind(model, method, **fixed)
+    size = _img_size(model, img_size)
     out: list[Candidate] = []
-    api.apply(model, method, **fixed)
-    try:
-        for value in _strength_values(method, num_patches):
-            try:
-                api.update(model, **{key: value})
-                g = flops(model, img_size)
-            except (OptionError, ValueError):
-                continue
-            if out and abs(g - out[-1].gmacs) < 1e-12:
-                continue
-            if out and g > out[-1].gmacs:  # not monotone: keep the search honest, skip it
-                continue
-            out.append(Candidate({**fixed, key: value}, g))
-    finally:
-        api.remove(model)
+    for value in type(reducer).strength_grid(adapter.info()):
+        try:
+            reducer.update(**{key: value})
+            g = _gmacs(adapter, size, reducer)
+        except (OptionError, ValueError):
+            continue
+        if out and abs(g - out[-1].gmacs) < 1e-12:
+            continue
+        if out and g > out[-1].gmacs:  # not monotone: keep the search honest, skip it
+            continue
+        out.append(Candidate({**fixed, key: value}, g))
     if not out:
         raise OptionError(f"no valid setting of {key} for method {method!r} on this model")
     return out
 
 
 def _unreduced_gmacs(model: nn.Module, img_size: Optional[int]) -> float:
-    from .measure.flops import flops
-
-    return flops(model, img_size)
+    return _gmacs(get_adapter(model), _img_size(model, img_size), None)
 
 
 def _check_rule(rule: Optional[str], default: str) -> str:
@@ -129,10 +122,9 @@ def _solve_gmacs(cands: list[Candidate], base: float, target: float, rule: str, 
 
 def _measure_speedup(base: nn.Module, method: str, options: dict, batch_size: int, device: torch.device,
                      input_size: tuple[int, int, int], repeats: int) -> float:
-    from . import api
-    from .measure.bench import benchmark
-
-    reduced = api.apply(copy.deepcopy(base), method, **options).to(device)
+    reduced = copy.deepcopy(base)
+    attach(reduced, method, **options)
+    reduced.to(device)
     res = benchmark({"unreduced": base, "reduced": reduced}, batch_size=batch_size, input_size=input_size,
                     device=device, warmup=2, repeats=repeats, iters=2)
     return res.timings[1].speedup
@@ -140,12 +132,10 @@ def _measure_speedup(base: nn.Module, method: str, options: dict, batch_size: in
 
 def _solve_speedup(model: nn.Module, cands: list[Candidate], method: str, target: float, rule: str,
                    batch_size: int, device: Optional[str], img_size: Optional[int], repeats: int) -> Candidate:
-    from .adapters import get_adapter
-
     if target < 1.0:
         raise OptionError(f"target_speedup={target} is below 1 (the unreduced model); accepted: >= 1")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    h, w = (img_size, img_size) if img_size else get_adapter(model).default_img_size()
+    h, w = _img_size(model, img_size)
     model = model.to(dev).eval()
     measured: dict[int, float] = {}
 

@@ -27,6 +27,9 @@ class ForwardState:
             ``None`` until the first merge (all ones).
         source: ``[B, T, T0]`` binary provenance, only when a method traces it.
         policy: ``[B, T, 1]`` keep mask (1 = active) of masked fixed-shape training forms.
+        positions: ``[B, N, 2]`` float grid coordinates ``(row, column)`` of the current patch
+            tokens, for families whose blocks need them (rotary position embeddings); ``None``
+            while the tokens are the input grid in order, or where no block reads positions.
         records: per-stage outputs a method exposes for losses and pictures (e.g. predictor
             decisions, attention maps, kept indices), appended as ``state.records + (rec,)``.
     """
@@ -36,7 +39,12 @@ class ForwardState:
     size: Optional[torch.Tensor] = None
     source: Optional[torch.Tensor] = None
     policy: Optional[torch.Tensor] = None
+    positions: Optional[torch.Tensor] = None
     records: tuple = ()
 
     def replace(self, **changes) -> "ForwardState":
         return dataclasses.replace(self, **changes)
+
+    def add_record(self, record) -> "ForwardState":
+        """A copy with ``record`` appended to :attr:`records`."""
+        return dataclasses.replace(self, records=self.records + (record,))

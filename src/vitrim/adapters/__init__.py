@@ -1,30 +1,60 @@
-"""Model adapters: one per model family. Each knows how to validate a model, describe it
-(:class:`~vitrim.methods.base.ModelInfo`) and install/remove a method on it."""
+"""Model adapters: one file per model family (the contract: :mod:`vitrim.adapters.base`).
+
+Every module of this package is imported here, so a new ``adapters/<family>.py`` whose
+:class:`~vitrim.adapters.base.Adapter` subclass is decorated with :func:`register_adapter` is
+served without further edits.
+"""
 from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Any
 
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .hf import SUPPORTED_CLASSES, HFAdapter
-from .pvt import PvtV2Adapter
-from .timm_vit import TimmViTAdapter
+from ..methods.base import ReductionMethod, get_method_class
+from .base import Adapter, BoundBlock, is_reduced, register_adapter, registered_adapters
 
-__all__ = ["get_adapter", "ADAPTERS", "TimmViTAdapter", "PvtV2Adapter", "HFAdapter"]
-
-ADAPTERS = (TimmViTAdapter, PvtV2Adapter, HFAdapter)
+__all__ = ["Adapter", "BoundBlock", "register_adapter", "registered_adapters", "get_adapter", "bind", "attach",
+           "is_reduced"]
 
 
-def get_adapter(model: nn.Module):
-    """The adapter for ``model``, or a clear error naming what is supported."""
+def get_adapter(model: nn.Module) -> Adapter:
+    """The adapter for ``model`` (checked, unless it already carries a method), or a clear error
+    naming what is supported."""
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    original = getattr(type(model), "_vitrim_original_class", None)
-    for adapter in ADAPTERS:
+    for adapter in registered_adapters():
         if adapter.supports(model):
-            return adapter(model, check=original is None)
+            return adapter(model, check=not is_reduced(model))
     raise UnsupportedModelError(
-        f"{type(model).__name__} is not supported; vitrim reduces timm VisionTransformer models "
-        f"(deit_*, deit_*_distilled, vit_* with class token or global-pool head, register tokens, "
-        f"qk-norm, LayerScale, fused or non-fused attention, dynamic image size) and, for idle only, timm "
-        f"PyramidVisionTransformerV2 (pvt_v2_b0..b5, pvt_v2_b2_li), and Hugging Face transformers "
-        f"{', '.join(SUPPORTED_CLASSES)}")
+        f"{type(model).__name__} is not supported; vitrim reduces "
+        + "; ".join(a.accepts for a in registered_adapters() if a.accepts))
+
+
+def bind(model: nn.Module, method: str, **options: Any) -> tuple[Adapter, ReductionMethod]:
+    """The adapter of ``model`` and the method ``method`` built for it with ``options`` (validated,
+    moved to the model's device), not installed. Every check runs before the model is touched."""
+    method_cls = get_method_class(method)
+    adapter = get_adapter(model)
+    info = adapter.info()
+    method_cls.check_model(info)
+    reducer = method_cls.create(info, **options)
+    param = next(model.parameters(), None)
+    if param is not None:
+        reducer.to(param.device)
+    return adapter, reducer
+
+
+def attach(model: nn.Module, method: str, **options: Any) -> ReductionMethod:
+    """Build ``method`` for ``model`` and install it (no budget solving, no already-reduced check:
+    ``vitrim.apply`` does those); returns the installed method."""
+    adapter, reducer = bind(model, method, **options)
+    adapter.install(reducer)
+    return reducer
+
+
+# the family that most models belong to first (its description leads the unsupported-model message)
+for _name in ["timm_vit", *(i.name for i in pkgutil.iter_modules(__path__) if i.name not in ("base", "timm_vit"))]:
+    importlib.import_module(f"{__name__}.{_name}")

@@ -37,9 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModelError, VitrimError
+from ..measure.flops import CostPlan, linear_macs, price_blocks
 from ..methods.base import ModelInfo, ReductionMethod
 from ..state import ForwardState
-from ._install import AdapterBase, run_block
+from .base import Adapter, register_adapter, run_block
 
 __all__ = ["HFAdapter", "HFBlock", "HFAttention", "hf_blocks", "SUPPORTED_CLASSES"]
 
@@ -258,14 +259,17 @@ def _head_modules(model: nn.Module) -> list[nn.Module]:
 
 
 # ---------------------------------------------------------------------- the adapter
-class HFAdapter(AdapterBase):
+@register_adapter
+class HFAdapter(Adapter):
     """Validates a transformers ViT / DeiT / CLIP vision model and installs/removes a method on it
     (its own class cache and removal: the swapped classes keep HF's names for ``save_pretrained``)."""
 
     family = "hf"
+    label = "Hugging Face transformers"
+    accepts = f"Hugging Face transformers {', '.join(SUPPORTED_CLASSES)}"
 
-    @staticmethod
-    def supports(model: nn.Module) -> bool:
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
         return _supported_base(model) is not None
 
     def __init__(self, model: nn.Module, check: bool = True) -> None:
@@ -273,8 +277,8 @@ class HFAdapter(AdapterBase):
         self.trunk = _trunk(model)
 
     # ------------------------------------------------------------------ checks
-    @staticmethod
-    def _check(model: nn.Module) -> None:
+    @classmethod
+    def check(cls, model: nn.Module) -> None:
         name = type(model).__name__
         base = _transformers_class(_supported_base(model))
         trunk = _trunk(model)
@@ -304,6 +308,7 @@ class HFAdapter(AdapterBase):
         family = "hf-clip" if _is_clip(trunk) else ("hf-deit" if _num_prefix_tokens(trunk) == 2 else "hf-vit")
         return ModelInfo(
             family=family,
+            family_label=self.label,
             depth=len(_layers(trunk)),
             embed_dim=cfg.hidden_size,
             num_heads=cfg.num_attention_heads,
@@ -329,20 +334,15 @@ class HFAdapter(AdapterBase):
         return h * w
 
     # ------------------------------------------------------------------ FLOPs
-    def cost_plan(self, img_size: tuple[int, int]) -> dict:
-        """Analytic MACs in timm's convention (``vitrim.measure.flops``), so an HF model and the timm
-        model with the same shapes report the same numbers: blocks priced by ``block_macs`` on the
-        façades, the patch-embedding convolution, and the linears applied to the pooled row
-        (classifier(s); the ViT pooler's dense layer)."""
-        # the measurement convention lives there; imported lazily
-        from ..measure.flops import linear_macs, price_blocks
-
+    def cost_plan(self, img_size: tuple[int, int], method: Optional[ReductionMethod] = None) -> CostPlan:
+        """Analytic MACs in timm's convention, so an HF model and the timm model with the same shapes
+        report the same numbers: blocks priced by ``block_macs`` on the façades, the patch-embedding
+        convolution, and the linears applied to the pooled row (classifier(s); the ViT pooler's dense layer)."""
         num_patches = self.num_patches(img_size)
         num_tokens = num_patches + _num_prefix_tokens(self.trunk)
-        layers, extra = price_blocks(self.blocks(), getattr(self.model, "vitrim", None), num_tokens)
         head = sum(linear_macs(h) for h in _head_modules(self.model))
-        return {"num_tokens": num_tokens, "embed_macs": _patch_conv(self.trunk).weight.numel() * num_patches,
-                "head_macs": head, "extra_macs": extra, "layers": layers}
+        return price_blocks(self.blocks(), method, num_tokens, _patch_conv(self.trunk).weight.numel() * num_patches,
+                            head)
 
     # ------------------------------------------------------------------ install
     def install(self, method: ReductionMethod) -> None:

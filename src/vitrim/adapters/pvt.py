@@ -2,20 +2,22 @@
 
 Only methods that keep every token in place can reduce a pyramid model (its stages need complete
 ``H x W`` maps for the overlapping patch embeddings, the spatial-reduction attention and the
-depthwise convolutions), so this adapter accepts IdleViT only (methods list it in ``families``).
+depthwise convolutions): the adapter reports ``ModelInfo.needs_all_tokens``, and methods that
+remove tokens refuse such models (``ReductionMethod.check_model``).
 
 Installing swaps the model's class for a generated subclass whose forward runs the model's own
 ``patch_embed``, each stage's own ``downsample`` and ``norm`` and the model's ``forward_head``, and
-hands every block to the method with a :class:`PyramidState` carrying the stage's ``(H, W)``.
-Blocks are numbered 0.. across stages (``pvt_v2_b1``: stage 0 = blocks 0, 1; stage 1 = 2, 3; ...).
+hands every block to the method bound to its stage's ``(H, W)`` (a :class:`~vitrim.adapters.base.BoundBlock`
+with ``feat_size``), with a :class:`PyramidState` per stage. Blocks are numbered 0.. across stages
+(``pvt_v2_b1``: stage 0 = blocks 0, 1; stage 1 = 2, 3; ...).
 
 FLOPs (:meth:`PvtV2Adapter.cost_plan`, used by ``vitrim.flops``): MACs of every linear and
-convolution from the modules' shapes, for the rows each block computes:
-``q`` and ``proj`` on the computed rows; spatial reduction (conv, or pool + 1x1 conv) and ``kv`` on
-the full map; ``QK^T`` and ``AV`` computed-rows x reduced keys; ``fc1`` / ``fc2`` on the computed
-rows and the 3x3 depthwise conv on the full map (9 MACs per hidden channel and position); for
-idle blocks the selection score (mean-token query ``C^2``, ``W_k^T q`` ``C^2``, ``N C`` logits).
-Norms, activations, pooling and bookkeeping are not counted (protocol.md §2).
+convolution from the modules' shapes, for the rows each block computes (the method's
+``plan_block`` with the stage's ``H * W`` tokens): ``q`` and ``proj`` on the computed rows; spatial
+reduction (conv, or pool + 1x1 conv) and ``kv`` on the full map; ``QK^T`` and ``AV`` computed-rows x
+reduced keys; ``fc1`` / ``fc2`` on the computed rows and the 3x3 depthwise conv on the full map
+(9 MACs per hidden channel and position); the method's own extra MACs (an idle block's selection
+score). Norms, activations, pooling and bookkeeping are not counted (``docs/flops.md``).
 """
 from __future__ import annotations
 
@@ -26,26 +28,20 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..measure.flops import CostPlan, LayerFlops, conv_macs
 from ..methods.base import ModelInfo, ReductionMethod
 from ..state import ForwardState
-from ._install import AdapterBase, install_reduced_class, overrides, run_block, runs_own_forward
+from .base import (Adapter, BoundBlock, install_reduced_class, overrides, register_adapter, run_block,
+                   runs_own_forward)
 
 try:  # timm >= 1.0
     from timm.models import pvt_v2 as _pvt
 except ImportError:  # pragma: no cover - guarded by the dependency pin
     _pvt = None
 
-__all__ = ["PvtV2Adapter", "PyramidInfo", "PyramidState"]
+__all__ = ["PvtV2Adapter", "PyramidState"]
 
 FAMILY = "timm-pvt-v2"
-
-@dataclass(frozen=True)
-class PyramidInfo(ModelInfo):
-    """:class:`ModelInfo` plus the stage layout (``depth`` = all blocks, ``num_patches`` = the first
-    stage's tokens at the default input size, ``embed_dim`` / ``num_heads`` = the last stage's)."""
-
-    stage_depths: tuple[int, ...] = ()
-    stage_dims: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -57,27 +53,26 @@ class PyramidState(ForwardState):
     stage: int = 0
 
 
-def _conv_macs(conv: nn.Conv2d, out_positions: int) -> int:
-    return conv.weight.numel() * out_positions  # weight = C_out * C_in / groups * kh * kw
-
-
 def _conv_out(size: tuple[int, int], conv: nn.Conv2d) -> tuple[int, int]:
     (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
     return (size[0] + 2 * ph - kh) // sh + 1, (size[1] + 2 * pw - kw) // sw + 1
 
 
-class PvtV2Adapter(AdapterBase):
+@register_adapter
+class PvtV2Adapter(Adapter):
     """Validates a timm ``PyramidVisionTransformerV2`` and installs/removes a method on it."""
 
     family = FAMILY
+    label = "PVT-v2"
+    accepts = "timm PyramidVisionTransformerV2 (pvt_v2_b0..b5, pvt_v2_b2_li) for methods that idle tokens"
 
-    @staticmethod
-    def supports(model: nn.Module) -> bool:
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
         return _pvt is not None and isinstance(model, _pvt.PyramidVisionTransformerV2)
 
     # ------------------------------------------------------------------ checks
-    @staticmethod
-    def _check(model: nn.Module) -> None:
+    @classmethod
+    def check(cls, model: nn.Module) -> None:
         name = type(model).__name__
         for fn in ("forward_features", "forward", "forward_head"):
             if overrides(model, _pvt.PyramidVisionTransformerV2, fn):
@@ -105,10 +100,10 @@ class PvtV2Adapter(AdapterBase):
         dims = tuple(s.blocks[0].attn.dim if len(s.blocks) else 0 for s in m.stages)
         last = m.stages[-1].blocks[-1].attn
         h, w = self.stage_sizes()[0]
-        return PyramidInfo(
-            family=FAMILY, depth=sum(depths), embed_dim=last.dim, num_heads=last.num_heads,
-            num_prefix_tokens=0, num_patches=h * w, global_pool=m.global_pool or "",
-            stage_depths=depths, stage_dims=dims,
+        return ModelInfo(
+            family=FAMILY, family_label=self.label, depth=sum(depths), embed_dim=last.dim, num_heads=last.num_heads,
+            num_prefix_tokens=0, num_patches=h * w, global_pool=m.global_pool or "", has_class_token=False,
+            stage_depths=depths, stage_dims=dims, needs_all_tokens=True,
         )
 
     def default_img_size(self) -> tuple[int, int]:
@@ -134,36 +129,33 @@ class PvtV2Adapter(AdapterBase):
     def grid_size(self, img_size: Optional[tuple[int, int]] = None) -> tuple[int, int]:
         return self.stage_sizes(img_size)[0]
 
-    # ------------------------------------------------------------------ FLOPs
-    def cost_plan(self, img_size: tuple[int, int]) -> dict:
-        """Analytic MACs per block of the model as reduced now (see the module docstring).
+    def output_grid(self, img_size: Optional[tuple[int, int]] = None) -> tuple[int, int]:
+        return self.stage_sizes(img_size)[-1]
 
-        Returns a dict with ``num_tokens`` (first stage), ``embed_macs`` (patch embedding and the
-        stages' downsampling convs), ``head_macs``, ``extra_macs`` and ``layers``: one
-        ``(index, q_rows, kv_rows, mlp_rows, macs)`` per block.
-        """
+    # ------------------------------------------------------------------ FLOPs
+    def cost_plan(self, img_size: tuple[int, int], method: Optional[ReductionMethod] = None) -> CostPlan:
+        """Analytic MACs per block of the model under ``method`` (see the module docstring)."""
         m = self.model
-        method = getattr(m, "vitrim", None)
         sizes = self.stage_sizes(img_size)
         size = _conv_out(img_size, m.patch_embed.proj)
-        embed = _conv_macs(m.patch_embed.proj, size[0] * size[1])
+        embed = conv_macs(m.patch_embed.proj, size[0] * size[1])
         layers, index = [], 0
         for stage, (h, w) in zip(m.stages, sizes):
             n = h * w
             if stage.downsample is not None:
-                embed += _conv_macs(stage.downsample.proj, n)
+                embed += conv_macs(stage.downsample.proj, n)
             for block in stage.blocks:
-                keep = None if method is None else method.keep(index, n)
-                rows = n if keep is None else keep
-                layers.append((index, rows, *self._block_macs(block, n, (h, w), rows, keep is not None)))
+                plan = method.plan_block(index, n, n) if method is not None else None
+                rows = n if plan is None else plan.q
+                kv_rows, macs = self._block_macs(block, n, (h, w), rows)
+                layers.append(LayerFlops(index, rows, kv_rows, rows, macs + (0 if plan is None else plan.extra_macs)))
                 index += 1
         head = m.head.in_features * m.head.out_features if isinstance(m.head, nn.Linear) else 0
-        return {"num_tokens": sizes[0][0] * sizes[0][1], "embed_macs": embed, "head_macs": head,
-                "extra_macs": 0, "layers": layers}
+        return CostPlan(sizes[0][0] * sizes[0][1], embed, head, 0, layers)
 
     @staticmethod
-    def _block_macs(block: nn.Module, n: int, feat: tuple[int, int], rows: int, idle: bool) -> tuple[int, int, int]:
-        """``(kv_rows, mlp_rows, macs)`` of one block computing ``rows`` of its ``n`` tokens."""
+    def _block_macs(block: nn.Module, n: int, feat: tuple[int, int], rows: int) -> tuple[int, int]:
+        """``(kv_rows, macs)`` of one block computing ``rows`` of its ``n`` tokens."""
         attn, mlp = block.attn, block.mlp
         c = attn.dim
         macs = rows * attn.q.in_features * attn.q.out_features
@@ -171,28 +163,22 @@ class PvtV2Adapter(AdapterBase):
             pooled = attn.pool.output_size
             ph, pw = (pooled, pooled) if isinstance(pooled, int) else pooled
             m_rows = ph * pw
-            macs += _conv_macs(attn.sr, m_rows)
+            macs += conv_macs(attn.sr, m_rows)
         elif attn.sr is not None:
             oh, ow = _conv_out(feat, attn.sr)
             m_rows = oh * ow
-            macs += _conv_macs(attn.sr, m_rows)
+            macs += conv_macs(attn.sr, m_rows)
         else:
             m_rows = n
         macs += m_rows * attn.kv.in_features * attn.kv.out_features
         macs += 2 * rows * m_rows * c                                   # QK^T and AV
         macs += rows * attn.proj.in_features * attn.proj.out_features
         macs += rows * (mlp.fc1.in_features * mlp.fc1.out_features + mlp.fc2.in_features * mlp.fc2.out_features)
-        macs += _conv_macs(mlp.dwconv, n)                               # depthwise 3x3 on the full map
-        if idle:
-            macs += 2 * c * c + n * c                                   # selection score (ops.idle.pvt_scores)
-        return m_rows, rows, macs
+        macs += conv_macs(mlp.dwconv, n)                                # depthwise 3x3 on the full map
+        return m_rows, macs
 
     # ------------------------------------------------------------------ install
     def install(self, method: ReductionMethod) -> None:
-        if FAMILY not in getattr(method, "families", ()):
-            raise UnsupportedModelError(
-                f"method {method.name!r} cannot reduce a pyramid model (PVT-v2 stages need every token in "
-                f"place); accepted on PVT-v2: methods that idle tokens instead of removing them (idle)")
         install_reduced_class(self.model, method, self.family, {
             "forward_tokens": _forward_tokens,
             "forward_features": _forward_features,
@@ -220,7 +206,7 @@ def _run_stages(self, x: torch.Tensor, take: Optional[set[int]] = None):
         state = PyramidState(num_prefix_tokens=0, num_patches=H * W, records=records, feat_size=(H, W), stage=s)
         use_ckpt = stage.grad_checkpointing and self.training and not torch.jit.is_scripting()
         for block in stage.blocks:
-            x, state = run_block(method, block, index, x, state, use_ckpt)
+            x, state = run_block(method, BoundBlock(block, ((H, W),), feat_size=(H, W)), index, x, state, use_ckpt)
             index += 1
         records = state.records
         x = stage.norm(x).reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous()

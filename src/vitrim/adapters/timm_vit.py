@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..measure.flops import CostPlan, linear_macs, price_blocks
 from ..methods.base import ModelInfo, ReductionMethod
 from ..state import ForwardState
-from ._install import AdapterBase, install_reduced_class, overrides, run_block, runs_own_forward
+from .base import Adapter, install_reduced_class, overrides, register_adapter, run_block, runs_own_forward
 
 try:  # timm >= 1.0
     from timm.layers import Attention as TimmAttention
@@ -30,18 +31,22 @@ except ImportError:  # pragma: no cover - guarded by the dependency pin
 __all__ = ["TimmViTAdapter"]
 
 
-class TimmViTAdapter(AdapterBase):
+@register_adapter
+class TimmViTAdapter(Adapter):
     """Validates a timm ViT and installs/removes a method on it."""
 
     family = "timm-vit"
+    label = "timm VisionTransformer"
+    accepts = ("timm VisionTransformer models (deit_*, deit_*_distilled, vit_* with class token or global-pool "
+               "head, register tokens, qk-norm, LayerScale, fused or non-fused attention, dynamic image size)")
 
-    @staticmethod
-    def supports(model: nn.Module) -> bool:
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
         return VisionTransformer is not None and isinstance(model, VisionTransformer)
 
     # ------------------------------------------------------------------ checks
-    @staticmethod
-    def _check(model: nn.Module) -> None:
+    @classmethod
+    def check(cls, model: nn.Module) -> None:
         name = type(model).__name__
         for fn in ("forward_features", "forward"):
             if overrides(model, VisionTransformer, fn):
@@ -68,6 +73,7 @@ class TimmViTAdapter(AdapterBase):
         pool = "map" if getattr(m, "attn_pool", None) is not None else (m.global_pool or "")
         return ModelInfo(
             family=self.family,
+            family_label=self.label,
             depth=len(m.blocks),
             embed_dim=m.embed_dim,
             num_heads=m.blocks[0].attn.num_heads,
@@ -100,6 +106,18 @@ class TimmViTAdapter(AdapterBase):
         if img_size is None:
             return tuple(pe.grid_size)
         return img_size[0] // pe.patch_size[0], img_size[1] // pe.patch_size[1]
+
+    # ------------------------------------------------------------------ FLOPs
+    def cost_plan(self, img_size: tuple[int, int], method: Optional[ReductionMethod] = None) -> CostPlan:
+        """Blocks priced by :func:`~vitrim.measure.flops.block_macs` at the method's plan; the patch
+        embedding (its convolution, or linear, per patch); the head(s) and an attention pool."""
+        m = self.model
+        num_patches = self.num_patches(img_size)
+        proj = m.patch_embed.proj
+        per_patch = proj.weight.numel() if isinstance(proj, nn.Conv2d) else linear_macs(proj)
+        heads = [getattr(m, "head", None), getattr(m, "head_dist", None), getattr(m, "attn_pool", None)]
+        head = sum(linear_macs(h) for h in heads if isinstance(h, nn.Module))  # a pool: its linears on one row
+        return price_blocks(m.blocks, method, num_patches + m.num_prefix_tokens, per_patch * num_patches, head)
 
     # ------------------------------------------------------------------ install
     def install(self, method: ReductionMethod) -> None:
@@ -134,7 +152,7 @@ def _forward_features(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def _pool_weighted(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """timm's global pooling with average terms weighted by token sizes (tome.md §10)."""
+    """timm's global pooling with average terms weighted by token sizes (docs/methods/tome.md, "Pooling")."""
     pool = self.global_pool
     if not self.pool_include_prefix:
         x, weights = x[:, self.num_prefix_tokens:], weights[:, self.num_prefix_tokens:]

@@ -1,4 +1,4 @@
-"""Logit distillation from a frozen unreduced teacher (dynamicvit.md, tps.md §5, idlevit.md)."""
+"""Logit distillation from a frozen unreduced teacher (``docs/training.md``)."""
 from __future__ import annotations
 
 import torch

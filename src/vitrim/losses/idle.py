@@ -1,4 +1,4 @@
-"""IdleViT's training losses (``specs/idlevit.md`` §6-7): the token cut loss and the total loss.
+"""IdleViT's training losses (``docs/methods/idlevit.md``, "Losses"): the token cut loss and the total loss.
 
 The model side: an IdleViT model in training mode records, for every idle layer, the computed-row
 mask and the head mean of the scaled, unmasked attention logits
@@ -22,7 +22,7 @@ CUT_LOSS_LAYERS = ("all", "alternate")
 
 
 def token_cut_loss(logits: torch.Tensor, mask: torch.Tensor, kind: str = "both") -> torch.Tensor:
-    """Token cut loss of one idle layer (§6.2).
+    """Token cut loss of one idle layer ("Losses").
 
     ``W = softmax(logits)`` over keys; with ``m`` the mask (class token = 1):
     ``c_i = sum_{j>=1} |m_i - m_j| W_ij`` (mass sent to the other group, the class key column
@@ -68,7 +68,7 @@ def idle_records(state_or_records) -> list:
 
 def idle_cut_loss(state_or_records, layers: str = "all", kind: str = "both",
                   num_idle_layers: Optional[int] = None) -> torch.Tensor:
-    """Mean token cut loss over the idle layers (§6.4).
+    """Mean token cut loss over the idle layers ("Losses").
 
     Args:
         state_or_records: a ``ForwardState`` (from ``vitrim.forward_with_state`` in training
@@ -124,7 +124,7 @@ def idle_total_loss(
         cut_loss_type: str = "both",
         label_smoothing: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """IdleViT's training loss (§7): ``CE + 20 * cut + 10 * KL + 1000 * MSE`` with the README weights.
+    """IdleViT's training loss ("Losses"): ``CE + 20 * cut + 10 * KL + 1000 * MSE`` with the README weights.
 
     Args:
         student_logits: ``[B, classes]``; targets: class indices ``[B]`` or soft targets

@@ -13,7 +13,7 @@ Wiring (the logit term is :func:`vitrim.losses.kl_logit_distillation`)::
             + 0.5 * kl_logit_distillation(logits, t_logits)
             + 0.5 * token_distillation(tokens[:, p:], t_tokens[:, p:], final_keep_mask(state)))
 
-Specs: ``dynamicvit.md`` §6, ``tps.md`` §5.
+Rules: ``docs/methods/pruning.md``, "Training losses".
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..ops.prune import prune_records
 from ..state import ForwardState
 
 __all__ = ["keep_ratio_loss", "token_distillation", "pruning_decisions", "final_keep_mask"]
@@ -30,8 +31,6 @@ __all__ = ["keep_ratio_loss", "token_distillation", "pruning_decisions", "final_
 def pruning_decisions(state: ForwardState) -> tuple[list[torch.Tensor], list[float]]:
     """Per-stage cumulative keep decisions ``[B, N]`` and their target ratios from a masked-form
     forward (``model.train()``), in stage order. Empty in the gather form (nothing to train)."""
-    from ..methods._pruning import prune_records
-
     recs = [r for r in prune_records(state) if r.keep is not None]
     return [r.keep for r in recs], [r.target for r in recs]
 

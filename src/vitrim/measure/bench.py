@@ -1,4 +1,4 @@
-"""Same-run throughput: reduced models against the unreduced one (protocol.md §3.2).
+"""Same-run throughput: reduced models against the unreduced one (``docs/flops.md``, "Throughput and latency").
 
 Every model gets the same input tensor, created once on the device; warm-up iterations are
 discarded; each repetition times ``iters`` forwards of every model in turn (interleaved, so

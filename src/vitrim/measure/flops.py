@@ -1,10 +1,14 @@
 """FLOPs the way the papers count them: GMACs (fvcore convention), analytic and traced.
 
-Analytic (the number papers compare, protocol.md §2.2): per block, the qkv / output projection
+Pure pricing: this module knows module shapes and token plans, not model families. Each adapter
+builds the :class:`CostPlan` of its family from these pieces (``Adapter.cost_plan``);
+``vitrim.flops`` / ``vitrim.flops_report`` / ``vitrim.traced_flops`` put them together.
+
+Analytic (the number papers compare; ``docs/flops.md``): per block, the qkv / output projection
 and MLP linears on the rows that run through them plus ``2 * Tq * Tkv * attn_dim`` for
 ``QK^T`` and ``AV``; the patch-embedding convolution; the classifier head(s). Not counted:
 norms, softmax, GELU, biases, residual adds and reduction bookkeeping (sorting, gather,
-scatter), unless a method's spec counts an extra matmul (``BlockTokens.extra_macs``).
+scatter), unless a method's rules count an extra matmul (``BlockTokens.extra_macs``).
 
 Traced: ``torch.utils.flop_counter.FlopCounterMode`` / 2 on a real forward, as a cross-check.
 """
@@ -12,17 +16,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..methods.base import BlockTokens
 
-__all__ = ["LayerFlops", "FlopsReport", "flops", "flops_report", "traced_flops", "block_macs", "linear_macs",
-           "price_blocks"]
-
-ImgSize = Union[int, tuple[int, int], None]
+__all__ = ["LayerFlops", "CostPlan", "FlopsReport", "block_macs", "linear_macs", "conv_macs", "price_blocks",
+           "model_name", "count_traced", "explicit_attention"]
 
 
 @dataclass
@@ -35,17 +37,13 @@ class LayerFlops:
 
 
 @dataclass
-class FlopsReport:
-    """Per-layer analytic MACs of a (possibly reduced) model at one input size."""
+class CostPlan:
+    """What an adapter prices for one input size: MACs per block and outside the blocks (batch 1)."""
 
-    model: str
-    method: Optional[str]
-    options: dict
-    img_size: tuple[int, int]
-    num_tokens: int
-    embed_macs: int
-    head_macs: int
-    extra_macs: int
+    num_tokens: int    # tokens entering the first block (prefix included; first stage of a pyramid)
+    embed_macs: int    # patch embedding (and a pyramid's downsampling)
+    head_macs: int     # pooling head(s) and classifier(s)
+    extra_macs: int    # the method's own outside the blocks (predictors)
     layers: list[LayerFlops] = field(default_factory=list)
 
     @property
@@ -55,6 +53,16 @@ class FlopsReport:
     @property
     def gmacs(self) -> float:
         return self.macs / 1e9
+
+
+@dataclass
+class FlopsReport(CostPlan):
+    """Per-layer analytic MACs of a (possibly reduced) model at one input size."""
+
+    model: str = ""
+    method: Optional[str] = None
+    options: dict = field(default_factory=dict)
+    img_size: tuple[int, int] = (0, 0)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -85,6 +93,11 @@ def linear_macs(module: nn.Module) -> int:
     return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
 
+def conv_macs(conv: nn.Module, out_positions: int) -> int:
+    """MACs of a convolution producing ``out_positions`` output positions (weight = C_out * C_in / groups * kh * kw)."""
+    return conv.weight.numel() * out_positions
+
+
 def block_macs(block: nn.Module, tokens: BlockTokens) -> int:
     """Analytic MACs of one timm ViT block computing with ``tokens`` rows."""
     attn = block.attn
@@ -98,87 +111,20 @@ def block_macs(block: nn.Module, tokens: BlockTokens) -> int:
     return macs + tokens.extra_macs
 
 
-def price_blocks(blocks: Sequence[nn.Module], method: Optional[nn.Module],
-                 num_tokens: int) -> tuple[list[tuple[int, int, int, int, int]], int]:
-    """ViT-layout blocks priced at the method's token plan (every token when ``method`` is None).
-
-    Returns:
-        ``([(index, tokens_in, tokens_kv, tokens_mlp, macs)] per block, the method's extra MACs)``.
-    """
+def price_blocks(blocks: Sequence[nn.Module], method: Optional[nn.Module], num_tokens: int,
+                 embed_macs: int, head_macs: int) -> CostPlan:
+    """The cost plan of ViT-layout blocks (``attn.qkv``, ``attn.proj``, ``mlp``; see :func:`block_macs`)
+    at the method's token plan (every token when ``method`` is None)."""
     if method is None:
         plan, extra = [BlockTokens(num_tokens, num_tokens, num_tokens)] * len(blocks), 0
     else:
         plan, extra = method.block_tokens(num_tokens), method.extra_macs(num_tokens)
-    return [(i, t.q, t.kv, t.mlp, block_macs(b, t)) for i, (b, t) in enumerate(zip(blocks, plan))], extra
-
-
-def _embed_macs(model: nn.Module, num_patches: int) -> int:
-    proj = model.patch_embed.proj
-    if isinstance(proj, nn.Conv2d):
-        per_patch = proj.weight.numel() // proj.groups * proj.groups
-        return per_patch * num_patches
-    return linear_macs(proj) * num_patches
-
-
-def _head_macs(model: nn.Module) -> int:
-    heads = [getattr(model, "head", None), getattr(model, "head_dist", None)]
-    macs = sum(linear_macs(h) for h in heads if isinstance(h, nn.Module))
-    attn_pool = getattr(model, "attn_pool", None)
-    if attn_pool is not None:  # one latent query over all tokens; counted as its linears per token
-        macs += linear_macs(attn_pool)
-    return macs
-
-
-def _img_size(adapter, img_size: ImgSize) -> tuple[int, int]:
-    if img_size is None:
-        return adapter.default_img_size()
-    if isinstance(img_size, int):
-        return img_size, img_size
-    if len(img_size) != 2:
-        raise ValueError(f"img_size must be an int or (height, width), got {img_size!r}")
-    return int(img_size[0]), int(img_size[1])
-
-
-def flops_report(model: nn.Module, img_size: ImgSize = None) -> FlopsReport:
-    """Per-layer analytic GMACs of ``model`` as reduced now (or unreduced), at batch 1."""
-    from ..adapters import get_adapter
-
-    adapter = get_adapter(model)
-    size = _img_size(adapter, img_size)
-    method = getattr(model, "vitrim", None)
-    if hasattr(adapter, "cost_plan"):  # families with their own block layout (pyramids) price their blocks
-        plan = adapter.cost_plan(size)
-        return FlopsReport(
-            model=model_name(model), method=None if method is None else method.name,
-            options={} if method is None else method.options(), img_size=size, num_tokens=plan["num_tokens"],
-            embed_macs=plan["embed_macs"], head_macs=plan["head_macs"], extra_macs=plan["extra_macs"],
-            layers=[LayerFlops(*layer) for layer in plan["layers"]])
-    num_patches = adapter.num_patches(size)
-    num_tokens = num_patches + model.num_prefix_tokens
-    layers, extra = price_blocks(model.blocks, method, num_tokens)
-    return FlopsReport(
-        model=model_name(model),
-        method=None if method is None else method.name,
-        options={} if method is None else method.options(),
-        img_size=size, num_tokens=num_tokens,
-        embed_macs=_embed_macs(model, num_patches), head_macs=_head_macs(model), extra_macs=extra,
-        layers=[LayerFlops(*layer) for layer in layers],
-    )
-
-
-def flops(model: nn.Module, img_size: ImgSize = None) -> float:
-    """Analytic GMACs of ``model`` as reduced now, in the papers' convention (batch 1).
-
-    >>> import timm, vitrim
-    >>> m = timm.create_model("deit_small_patch16_224")
-    >>> round(vitrim.flops(m), 2), round(vitrim.flops(vitrim.apply(m, "tome", r=13)), 2)
-    (4.6, 2.7)
-    """
-    return flops_report(model, img_size).gmacs
+    layers = [LayerFlops(i, t.q, t.kv, t.mlp, block_macs(b, t)) for i, (b, t) in enumerate(zip(blocks, plan))]
+    return CostPlan(num_tokens, embed_macs, head_macs, extra, layers)
 
 
 @contextlib.contextmanager
-def _explicit_attention(model: nn.Module) -> Iterator[None]:
+def explicit_attention(model: nn.Module) -> Iterator[None]:
     """Temporarily switch every module with a ``fused_attn`` flag to explicit attention."""
     saved = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
     try:
@@ -190,22 +136,18 @@ def _explicit_attention(model: nn.Module) -> Iterator[None]:
             m.fused_attn = flag
 
 
-def traced_flops(model: nn.Module, img_size: ImgSize = None, detail: bool = False):
-    """GMACs measured by ``FlopCounterMode`` (FLOPs / 2) on one forward at batch 1.
+def count_traced(model: nn.Module, x: torch.Tensor) -> tuple[float, dict]:
+    """GMACs measured by ``FlopCounterMode`` (FLOPs / 2) on one eval-mode forward of ``x``.
 
     If the model calls a fused attention kernel the counter has no formula for (e.g. SDPA on
     CPU in some PyTorch versions), the attention matmuls would be missed (DeiT-S would read
     ~4.25 instead of 4.60); this is detected and the count is repeated with explicit attention.
 
-    Returns GMACs, or ``(GMACs, info dict)`` with ``detail=True``.
+    Returns:
+        ``(GMACs, {"sdpa_uncounted_ops": [...], "explicit_attention_fallback": bool})``.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ..adapters import get_adapter
-
-    size = _img_size(get_adapter(model), img_size)
-    param = next(model.parameters())
-    x = torch.zeros(1, 3, *size, device=param.device, dtype=param.dtype)
     was_training = model.training
     model.eval()
 
@@ -229,12 +171,9 @@ def traced_flops(model: nn.Module, img_size: ImgSize = None, detail: bool = Fals
         total, missing = count()
         fallback = False
         if missing:
-            with _explicit_attention(model):
+            with explicit_attention(model):
                 total, _ = count()
             fallback = True
     finally:
         model.train(was_training)
-    gmacs = total / 2 / 1e9
-    if detail:
-        return gmacs, {"sdpa_uncounted_ops": sorted(missing), "explicit_attention_fallback": fallback}
-    return gmacs
+    return total / 2 / 1e9, {"sdpa_uncounted_ops": sorted(missing), "explicit_attention_fallback": fallback}

@@ -1,12 +1,12 @@
 """What the pruning family (EViT, DynamicViT, eTPS, dTPS) shares: option parsing (keep rates,
-locations), the per-stage record that losses and pictures read, and the block pieces (attention
-residual with the block's own modules, masked-attention block for fixed-shape training).
+locations), the per-stage record that losses and pictures read (:class:`~vitrim.ops.prune.PruneRecord`),
+and the block pieces (attention residual with the block's own modules, masked-attention block for
+fixed-shape training).
 
-Specs: ``specs/evit.md``, ``specs/dynamicvit.md``, ``specs/tps.md``.
+Rules: ``docs/methods/pruning.md``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Sequence, Union
 
 import torch
@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import OptionError
 from ..ops.attention import attend, project, split_qkv
-from ..ops.prune import attend_with_policy, gather_tokens
+from ..ops.prune import PruneRecord, attend_with_policy, prune_records
 from ..state import ForwardState
 from .base import ModelInfo, ReductionMethod, is_int, is_real
 
@@ -22,48 +22,6 @@ __all__ = ["PruneRecord", "PruningMethod", "parse_locations", "parse_keep_rate",
            "attention_residual", "mlp_residual", "masked_block_forward"]
 
 Rates = Union[float, Sequence[float]]
-
-
-@dataclass(frozen=True)
-class PruneRecord:
-    """One pruning stage of one forward (``state.records``; read with :func:`prune_records`).
-
-    Attributes:
-        method: the method's name.
-        block: 0-based block index of the location.
-        stage: 1-based position of the location in ``locations``.
-        target: the stage's configured keep rate: of the input patch count ``N0`` for
-            DynamicViT / dTPS (the keep-ratio loss target ``rho^s``), of the current count for
-            EViT / eTPS.
-        kept: patch tokens kept by the stage (gather form; the top-K count in masked form).
-        keep: ``[B, N0]`` cumulative 0/1 keep decisions over all patch positions (masked training
-            form only; carries the straight-through gradient).
-        index: ``[B, kept]`` kept rows among the patch tokens entering the stage (gather form).
-        positions: ``[B, n_out]`` original patch position of every patch token leaving the stage
-            (gather form; ``-1`` for an EViT fused token).
-        scores: ``[B, n_in]`` the scores the decision ranked (class attention, or the
-            predictor's keep log-probability).
-        rest: ``[B, n_in - kept]`` pruned rows among the patch tokens entering the stage, in the
-            order of ``hosts`` (squeezing methods, gather form).
-        hosts: ``[B, n_in - kept]`` for each pruned row, the kept row (0..kept-1) it was squeezed into.
-    """
-
-    method: str
-    block: int
-    stage: int
-    target: float
-    kept: int
-    keep: Optional[torch.Tensor] = None
-    index: Optional[torch.Tensor] = None
-    positions: Optional[torch.Tensor] = None
-    scores: Optional[torch.Tensor] = None
-    rest: Optional[torch.Tensor] = None
-    hosts: Optional[torch.Tensor] = None
-
-
-def prune_records(state: ForwardState) -> list[PruneRecord]:
-    """The :class:`PruneRecord` of every stage of one forward, in order."""
-    return [r for r in state.records if isinstance(r, PruneRecord)]
 
 
 def parse_locations(locations: Any, depth: int) -> tuple[int, ...]:
@@ -123,6 +81,10 @@ class PruningMethod(ReductionMethod):
 
     #: keep counts relative to the current count (EViT, eTPS) or the original one (DynamicViT, dTPS)
     cumulative_rates: ClassVar[bool] = False
+    #: pruned tokens are squeezed into their nearest kept token (TPS) instead of dropped or fused
+    squeeze: ClassVar[bool] = False
+    strength = "keep_rate"
+    sweep = (0.9, 0.7, 0.5)
 
     def __init__(self, info: ModelInfo) -> None:
         super().__init__(info)
@@ -151,23 +113,10 @@ class PruningMethod(ReductionMethod):
             setattr(self, k, v)
 
     # ------------------------------------------------------------------ records
-    def _record(self, state: ForwardState, block: int, stage: int, kept: int, *,
-                index: Optional[torch.Tensor] = None, scores: Optional[torch.Tensor] = None,
-                keep: Optional[torch.Tensor] = None, extra_positions: int = 0,
-                rest: Optional[torch.Tensor] = None, hosts: Optional[torch.Tensor] = None) -> ForwardState:
-        """Append this stage's :class:`PruneRecord`; in gather form, also the surviving positions."""
-        positions = None
-        if index is not None:
-            last = next((r.positions for r in reversed(state.records)
-                         if isinstance(r, PruneRecord) and r.positions is not None), None)
-            if last is None:
-                last = torch.arange(state.num_patches, device=index.device).expand(index.shape[0], -1)
-            positions = gather_tokens(last, index)
-            if extra_positions:
-                positions = torch.cat([positions, positions.new_full((index.shape[0], extra_positions), -1)], dim=1)
-        rec = PruneRecord(method=self.name, block=block, stage=stage + 1, target=self._target(stage), kept=kept,
-                          keep=keep, index=index, positions=positions, scores=scores, rest=rest, hosts=hosts)
-        return state.replace(records=state.records + (rec,))
+    def _record(self, state: ForwardState, block: int, stage: int, kept: int, **fields: Any) -> ForwardState:
+        """Append this stage's :class:`PruneRecord` (``stage`` 0-based here, 1-based in the record)."""
+        return self.record_stage(state, block, kept, stage=stage + 1, target=self._target(stage),
+                                 absorbs=self.squeeze, **fields)
 
     def _target(self, stage: int) -> float:
         return self.stage_rates[stage]

@@ -1,4 +1,4 @@
-"""DynamicViT: learned token sparsification (Rao et al., NeurIPS 2021). Spec: ``specs/dynamicvit.md``.
+"""DynamicViT: learned token sparsification (Rao et al., NeurIPS 2021). Rules: ``docs/methods/pruning.md``.
 
 Before each block at a location (stage ``s``), a light MLP predictor scores the remaining patch
 tokens. Inference keeps the top ``K_s = int(N0 * rho^s)`` by a real gather (score order) and runs
@@ -13,13 +13,14 @@ them loads into a reduced model with the predictors left as they are (see :meth:
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional, Sequence, Union
+from typing import Any, ClassVar, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import OptionError
+from ..losses.pruning import final_keep_mask, keep_ratio_loss, pruning_decisions, token_distillation
 from ..ops.prune import (gather_tokens, gumbel_softmax_hard, keep_count_original, masked_mean, rank_tokens,
                          squeeze_gather, squeeze_masked)
 from ..state import ForwardState
@@ -30,7 +31,7 @@ __all__ = ["ScorePredictor", "DynamicViT"]
 
 
 class ScorePredictor(nn.Module):
-    """DynamicViT's keep/drop predictor for one stage (dynamicvit.md §2).
+    """DynamicViT's keep/drop predictor for one stage (docs/methods/pruning.md, "DynamicViT").
 
     ``h = GELU(proj(norm(x)))``; the first half of ``h`` stays local, the second half is replaced by
     its mean over the alive tokens; an MLP ``C -> C/2 -> C/4 -> 2`` with GELUs and a log-softmax
@@ -56,7 +57,7 @@ class ScorePredictor(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def macs_per_token(self) -> int:
-        """``C^2 + C^2/2 + C^2/8 + C/2`` for width ``C`` (the spec's predictor cost per token)."""
+        """``C^2 + C^2/2 + C^2/8 + C/2`` for width ``C`` (the predictor's cost per token)."""
         return sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, nn.Linear))
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, num_prefix_tokens: int = 0) -> torch.Tensor:
@@ -104,10 +105,16 @@ class DynamicViT(PruningMethod):
     """
 
     name = "dynamicvit"
+    order = 50
+    summary = "DynamicViT: learned predictors drop tokens before blocks 3, 6, 9 (needs fine-tuning)"
     cumulative_rates = True
     supported_pools = ("token", "avg", "")  # masked training pools over alive tokens; max would see dead ones
-    #: squeeze pruned tokens into their nearest kept token (dTPS)
-    squeeze: ClassVar[bool] = False
+    color = "tab:purple"
+    reduced_verb = "dropped"
+    loss_weights = {"kd": 0.5, "ratio": 2.0, "token": 0.5}
+    teacher_terms = ("token",)
+    #: token distillation of the final patch tokens at kept positions: "mse" (DynamicViT on DeiT) or "kl"
+    token_distillation_mode: ClassVar[str] = "mse"
 
     def __init__(self, info: ModelInfo, keep_rate: Union[float, Sequence[float]] = 0.7,
                  locations: Sequence[int] = (3, 6, 9)) -> None:
@@ -184,37 +191,43 @@ class DynamicViT(PruningMethod):
         return x, self._record(state, index, stage, k, keep=keep[..., 0], scores=logp[..., 0])
 
     # ------------------------------------------------------------------ accounting
-    def _plan(self, num_tokens: int) -> list[tuple[int, int, int]]:
-        """``(block, patch tokens entering, kept)`` of every stage that prunes, for ``num_tokens`` inputs."""
-        n0 = num_tokens - self.info.num_prefix_tokens
-        n, plan = n0, []
-        for stage, block in enumerate(self.locations):
-            k = self._keep(stage, n0)
-            if k < n:
-                plan.append((block, n, k))
-                n = k
-        return plan
-
     def _squeeze_macs(self, n: int, k: int) -> int:
-        """``2 N_p N_r C``: similarity and fusion of one squeeze (tps.md §7); 0 without squeezing."""
+        """``2 N_p N_r C``: similarity and fusion of one squeeze; 0 without squeezing."""
         return 2 * (n - k) * k * self.info.embed_dim if self.squeeze else 0
 
-    def block_tokens(self, num_tokens: int) -> list[BlockTokens]:
+    def plan_block(self, index: int, tokens_in: int, num_patches: int) -> BlockTokens:
+        """A location prunes to ``K_s`` patch tokens before its block (when that removes any)."""
         prefix = self.info.num_prefix_tokens
-        stages = {block: (n, k) for block, n, k in self._plan(num_tokens)}
-        t, out = num_tokens, []
-        for i in range(self.info.depth):
-            extra = 0
-            if i in stages:
-                n, k = stages[i]
-                t, extra = prefix + k, self._squeeze_macs(n, k)
-            out.append(BlockTokens(t, t, t, extra))
-        return out
+        stage = self._stage_of.get(index)
+        if stage is not None:
+            n, k = tokens_in - prefix, self._keep(stage, num_patches)
+            if k < n:
+                return BlockTokens(prefix + k, prefix + k, prefix + k, self._squeeze_macs(n, k))
+        return BlockTokens(tokens_in, tokens_in, tokens_in)
 
     def extra_macs(self, num_tokens: int) -> int:
         """The predictors, on the patch tokens entering each stage that prunes."""
-        stage_of = self._stage_of
-        return sum(n * self.predictors[stage_of[block]].macs_per_token() for block, n, _ in self._plan(num_tokens))
+        prefix, total, t = self.info.num_prefix_tokens, 0, num_tokens
+        for i, plan in enumerate(self.block_tokens(num_tokens)):
+            stage = self._stage_of.get(i)
+            if stage is not None and plan.q < t:
+                total += (t - prefix) * self.predictors[stage].macs_per_token()
+            t = plan.tokens_out
+        return total
+
+    # ------------------------------------------------------------------ training
+    def loss_terms(self, state: ForwardState, tokens: torch.Tensor, teacher_tokens: Optional[torch.Tensor],
+                   weights: Mapping[str, float], recipe: Any) -> dict[str, torch.Tensor]:
+        """Keep-ratio loss on the cumulative decisions; token distillation at the kept positions."""
+        out: dict[str, torch.Tensor] = {}
+        decisions, targets = pruning_decisions(state)
+        if weights.get("ratio", 0.0) > 0 and decisions:
+            out["ratio"] = weights["ratio"] * keep_ratio_loss(decisions, targets)
+        if teacher_tokens is not None and weights.get("token", 0.0) > 0 and tokens.shape == teacher_tokens.shape:
+            k = state.num_prefix_tokens
+            out["token"] = weights["token"] * token_distillation(
+                tokens[:, k:], teacher_tokens[:, k:], final_keep_mask(state), self.token_distillation_mode)
+        return out
 
     # ------------------------------------------------------------------ checkpoints
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

@@ -1,4 +1,4 @@
-"""EViT: token reorganisation (Liang et al., ICLR 2022). Spec: ``specs/evit.md``.
+"""EViT: token reorganisation (Liang et al., ICLR 2022). Rules: ``docs/methods/pruning.md``.
 
 In each block at a location: attention over all tokens, residual, then the head-mean
 post-softmax class attention (a side computation: the class query against all keys, so the
@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..errors import OptionError
+from ..errors import OptionError, VitrimError
 from ..ops.attention import class_attention_logits
 from ..ops.prune import class_attention_probs, fused_token, gather_tokens, keep_count_current, rank_tokens
 from ..state import ForwardState
@@ -27,7 +27,7 @@ __all__ = ["EViT", "keep_rate_schedule"]
 
 def keep_rate_schedule(iteration: int, iters_per_epoch: int, keep_rate: float,
                        shrink_start_epoch: int = 0, shrink_epochs: int = 0) -> float:
-    """EViT's keep-rate warm-up (evit.md §3): 1, then a cosine descent to ``keep_rate``.
+    """EViT's keep-rate warm-up (docs/methods/pruning.md, "EViT"): 1, then a cosine descent to ``keep_rate``.
 
     Args:
         iteration: global training iteration (0-based).
@@ -84,6 +84,9 @@ class EViT(PruningMethod):
     """
 
     name = "evit"
+    order = 20
+    summary = "EViT: keep the tokens the class token attends to most, fuse the rest into one token (off the shelf)"
+    color = "tab:orange"
 
     def __init__(self, info: ModelInfo, keep_rate: Union[float, Sequence[float]] = 0.7,
                  locations: Sequence[int] = (3, 6, 9), fuse: bool = True,
@@ -141,7 +144,7 @@ class EViT(PruningMethod):
         return torch.cat([kept, fused], dim=1), None
 
     def _reduction_macs(self, n: int, k: int) -> int:
-        """Extra MACs of one reorganisation the spec counts (EViT: none; fusion is not counted)."""
+        """Extra MACs of one reorganisation the method's rules count (EViT: none; fusion is not counted)."""
         return 0
 
     # ------------------------------------------------------------------ forward
@@ -163,17 +166,35 @@ class EViT(PruningMethod):
         return mlp_residual(block, x), state
 
     # ------------------------------------------------------------------ accounting
-    def block_tokens(self, num_tokens: int) -> list[BlockTokens]:
+    def plan_block(self, index: int, tokens_in: int, num_patches: int) -> BlockTokens:
         prefix = self.info.num_prefix_tokens
-        n = num_tokens - prefix
-        out = []
-        for i in range(self.info.depth):
-            stage = self._stage_of.get(i)
-            k = n if stage is None else self._keep(stage, n)
-            if k >= n:
-                out.append(BlockTokens(prefix + n, prefix + n, prefix + n))
-                continue
-            n_out = k + self._extra_tokens()
-            out.append(BlockTokens(prefix + n, prefix + n, prefix + n_out, self._reduction_macs(n, k)))
-            n = n_out
-        return out
+        n = tokens_in - prefix
+        stage = self._stage_of.get(index)
+        k = n if stage is None else self._keep(stage, n)
+        if k >= n:
+            return BlockTokens(tokens_in, tokens_in, tokens_in)
+        return BlockTokens(tokens_in, tokens_in, prefix + k + self._extra_tokens(), self._reduction_macs(n, k))
+
+    # ------------------------------------------------------------------ pictures
+    @property
+    def reduced_verb(self) -> str:
+        return "fused" if self.fuse else "dropped"
+
+    # ------------------------------------------------------------------ training
+    def begin_training(self, recipe) -> None:
+        """The keep-rate warm-up (``shrink_start_epoch`` / ``shrink_epochs`` of the recipe) needs one rate."""
+        self._shrink_target = None
+        if getattr(recipe, "shrink_start_epoch", 0) or getattr(recipe, "shrink_epochs", 0):
+            if not isinstance(self.keep_rate, float):
+                raise VitrimError("the EViT keep-rate warm-up needs a single keep_rate, not per-stage rates")
+            self._shrink_target = self.keep_rate
+
+    def training_step(self, iteration: int, iters_per_epoch: int, recipe) -> None:
+        """The warm-up rate of this step, recomputed from the global iteration (a resumed run follows the
+        same rates); with the fine-tune preset (0, 0) the target rate holds from step 0."""
+        target = getattr(self, "_shrink_target", None)
+        if target is None:
+            return
+        rate = keep_rate_schedule(iteration, iters_per_epoch, target, recipe.shrink_start_epoch, recipe.shrink_epochs)
+        if rate != self.keep_rate:
+            self.update(keep_rate=rate)

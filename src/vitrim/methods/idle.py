@@ -1,4 +1,4 @@
-"""IdleViT: dynamic token idling (Xu et al., AJCAI 2023). Spec: ``specs/idlevit.md``.
+"""IdleViT: dynamic token idling (Xu et al., AJCAI 2023). Rules: ``docs/methods/idlevit.md``.
 
 In each idle layer the prefix tokens plus the top-``K`` patch tokens, ranked by this layer's
 head-averaged pre-softmax class logits, go through attention and MLP; the other tokens pass
@@ -13,7 +13,7 @@ blocks ``depth // 4 .. depth - 1``, i.e. 3..11 on 12-block DeiT (the official ``
 4..15 / 5..19 on 16 / 20-block models (the LV-ViT configurations). ``layers=range(4, 12)``
 reproduces the published ``main.py`` (ratios r, r, r, r², r², r², r³, r³).
 
-On PVT-v2 (``timm.create_model("pvt_v2_b*")``, experimental, not from the paper): default idle
+On pyramid models (the adapter reports stages; PVT-v2, experimental, not from the paper): default idle
 blocks are every block after the first stage, each computing ``floor(N_stage * r)`` tokens (a
 constant rate, as the author's Swin prototype); see ``docs/methods/idlevit.md``.
 
@@ -25,28 +25,27 @@ they run the gather/scatter form (real savings) and record the computed indices.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..errors import OptionError
+from ..losses.idle import idle_cut_loss, idle_feature_loss
 from ..ops.idle import (IdleRecord, idle_block_gather, idle_block_masked, keep_count, pvt_idle_block_gather,
                         pvt_idle_block_masked)
 from ..state import ForwardState
-from .base import BlockTokens, ModelInfo, ReductionMethod, is_int, register_method
+from .base import BlockTokens, ModelInfo, ReductionMethod, TokenMap, is_int, register_method
 
 __all__ = ["IdleViT", "default_idle_layers"]
-
-PYRAMID_FAMILY = "timm-pvt-v2"
 
 
 def default_idle_layers(info: ModelInfo) -> tuple[int, ...]:
     """ViT: blocks ``depth // 4 .. depth - 1`` (3..11 / 4..15 / 5..19 for depth 12 / 16 / 20);
-    PVT-v2: every block after the first stage."""
-    stage_depths = getattr(info, "stage_depths", None)
-    if info.family == PYRAMID_FAMILY and stage_depths:
-        return tuple(range(stage_depths[0], info.depth))
+    pyramid models: every block after the first stage."""
+    if info.stage_depths:
+        return tuple(range(info.stage_depths[0], info.depth))
     return tuple(range(info.depth // 4, info.depth))
 
 
@@ -63,9 +62,16 @@ class IdleViT(ReductionMethod):
     """
 
     name = "idle"
+    order = 60
     aliases = ("idlevit",)
-    #: adapters whose models this method can reduce (the pyramid adapter checks this).
-    families = ("timm-vit", PYRAMID_FAMILY)
+    summary = "IdleViT: each idle layer computes only its top-K tokens; the rest pass through unchanged"
+    removes_tokens = False  # every token reaches the final norm: pyramid models too
+    strength = "keep_rate"
+    sweep = (0.9, 0.7, 0.5)
+    color = "tab:brown"
+    reduced_verb = "idle"
+    loss_weights = {"kd": 10.0, "cut": 20.0, "feature": 1000.0}
+    teacher_terms = ("feature",)
 
     def __init__(self, info: ModelInfo, keep_rate: float = 0.7,
                  layers: Optional[Sequence[int]] = None) -> None:
@@ -73,7 +79,7 @@ class IdleViT(ReductionMethod):
         if isinstance(keep_rate, bool) or not isinstance(keep_rate, (int, float)) or not 0.0 < keep_rate <= 1.0:
             raise OptionError(f"keep_rate must be a number in (0, 1], got {keep_rate!r}; accepted: "
                               f"0 < keep_rate <= 1 (e.g. 0.7; 1 = the unmodified model)")
-        if info.family != PYRAMID_FAMILY and (info.num_prefix_tokens == 0 or not getattr(info, "has_class_token", True)):
+        if not info.stage_depths and (info.num_prefix_tokens == 0 or not info.has_class_token):
             raise OptionError("idle needs a class token: IdleViT ranks tokens by the class query's attention "
                               "logits; accepted: timm ViTs with a class token (deit_*, vit_* with class_token=True)")
         self.keep_rate = float(keep_rate)
@@ -106,7 +112,7 @@ class IdleViT(ReductionMethod):
     @layers.setter
     def layers(self, value: tuple[int, ...]) -> None:
         self._layers = tuple(value)
-        if self.info.family == PYRAMID_FAMILY:
+        if self.info.stage_depths:  # pyramid: a constant rate of each stage's tokens
             self._exponent = {layer: 1 for layer in self._layers}
         else:  # three consecutive groups of ceil(n / 3): r, r^2, r^3
             group = math.ceil(len(self._layers) / 3)
@@ -115,7 +121,7 @@ class IdleViT(ReductionMethod):
     # ------------------------------------------------------------------ plan
     def keep(self, index: int, num_patches: int) -> Optional[int]:
         """``K`` of block ``index`` when ``num_patches`` patch tokens enter it (ViT: the input's
-        ``N0``; PVT-v2: the stage's ``H * W``); ``None`` when the block runs in full."""
+        ``N0``; pyramid models: the stage's ``H * W``); ``None`` when the block runs in full."""
         s = self._exponent.get(index)
         if s is None:
             return None
@@ -124,61 +130,80 @@ class IdleViT(ReductionMethod):
 
     def keep_counts(self, num_patches: Optional[int] = None) -> list[Optional[int]]:
         """Per-block ``K`` (``None`` = full block) for ``num_patches`` input patches (default: the
-        model's own). ViT only; for PVT-v2 use :meth:`keep` with each stage's token count."""
+        model's own). ViT only; for pyramid models use :meth:`keep` with each stage's token count."""
         n = self.info.num_patches if num_patches is None else num_patches
         return [self.keep(i, n) for i in range(self.info.depth)]
 
     # ------------------------------------------------------------------ forward
     def block_forward(self, block: nn.Module, index: int, x: torch.Tensor,
                       state: ForwardState) -> tuple[torch.Tensor, ForwardState]:
-        if self.info.family == PYRAMID_FAMILY:
-            return self._pyramid_block(block, index, x, state)
         keep = self.keep(index, state.num_patches)
         if keep is None:
             return block(x), state  # the model's own forward: bit-identical
+        feat_size = getattr(block, "feat_size", None)  # a pyramid block: its H x W map stays complete
+        if feat_size is not None:
+            if block.training:
+                x, idx, mask = pvt_idle_block_masked(block, x, keep, feat_size)
+                return x, state.add_record(IdleRecord(index, keep, idx, mask))
+            x, idx = pvt_idle_block_gather(block, x, keep, feat_size)
+            return x, state.add_record(IdleRecord(index, keep, idx))
         p = state.num_prefix_tokens
         if block.training:
             x, idx, mask, logits = idle_block_masked(block, x, keep, p)
-            rec = IdleRecord(index, keep, idx, mask, logits)
-        else:
-            x, idx = idle_block_gather(block, x, keep, p)
-            rec = IdleRecord(index, keep, idx)
-        return x, state.replace(records=state.records + (rec,))
-
-    def _pyramid_block(self, block: nn.Module, index: int, x: torch.Tensor,
-                       state: ForwardState) -> tuple[torch.Tensor, ForwardState]:
-        feat_size = state.feat_size
-        keep = self.keep(index, x.shape[1])
-        if keep is None:
-            return block(x, feat_size), state
-        if block.training:
-            x, idx, mask = pvt_idle_block_masked(block, x, keep, feat_size)
-            rec = IdleRecord(index, keep, idx, mask)
-        else:
-            x, idx = pvt_idle_block_gather(block, x, keep, feat_size)
-            rec = IdleRecord(index, keep, idx)
-        return x, state.replace(records=state.records + (rec,))
+            return x, state.add_record(IdleRecord(index, keep, idx, mask, logits))
+        x, idx = idle_block_gather(block, x, keep, p)
+        return x, state.add_record(IdleRecord(index, keep, idx))
 
     # ------------------------------------------------------------------ accounting
-    def block_tokens(self, num_tokens: int) -> list[BlockTokens]:
-        """ViT plan (idlevit.md §9): an idle block computes Q, V, attention, projection and MLP on
-        ``S = p + K`` rows; ``extra_macs`` counts the keys of the ``T - S`` idle rows, the class
-        query (``C^2``) and the class logits (``T C``): the paper's count. Without qk-norm the forward
-        ranks without per-token keys (:func:`~vitrim.ops.idle.rank_scores`) and executes
-        ``(T - S - 1) C^2`` fewer MACs per idle layer (``vitrim.traced_flops`` shows it). The pyramid
-        adapter prices its own blocks."""
-        p = self.info.num_prefix_tokens
-        n0 = num_tokens - p
-        c = self.info.embed_dim
-        out = []
-        for i in range(self.info.depth):
-            k = self.keep(i, n0)
-            if k is None:
-                out.append(BlockTokens(num_tokens, num_tokens, num_tokens))
-                continue
-            s = k + p
-            out.append(BlockTokens(q=s, kv=s, mlp=s, extra_macs=(num_tokens - s) * c * c + c * c + num_tokens * c))
+    def plan_block(self, index: int, tokens_in: int, num_patches: int) -> BlockTokens:
+        """An idle block computes Q, V, attention, projection and MLP on ``S = p + K`` rows; every
+        token leaves it. ``extra_macs`` is the selection: with a class token the paper's count (the keys
+        of the ``T - S`` idle rows, the class query ``C^2`` and the class logits ``T C``; without qk-norm
+        the forward ranks without per-token keys and executes ``(T - S - 1) C^2`` fewer MACs per idle
+        layer, which ``vitrim.traced_flops`` shows); without one (pyramids) the mean-token query
+        ``C^2``, ``W_k^T q`` ``C^2`` and the ``N C`` logits (:func:`~vitrim.ops.idle.pvt_scores`)."""
+        k = self.keep(index, num_patches)
+        if k is None:
+            return BlockTokens(tokens_in, tokens_in, tokens_in)
+        s = k + self.info.num_prefix_tokens
+        if self.info.stage_depths:
+            c = self.info.stage_dims[self.info.stage_of(index)]
+            extra = 2 * c * c + tokens_in * c
+        else:
+            c = self.info.embed_dim
+            extra = (tokens_in - s) * c * c + c * c + tokens_in * c
+        return BlockTokens(q=s, kv=s, mlp=s, extra_macs=extra, out=tokens_in)
+
+    # ------------------------------------------------------------------ training
+    def loss_terms(self, state: ForwardState, tokens: torch.Tensor, teacher_tokens: Optional[torch.Tensor],
+                   weights: Mapping[str, float], recipe: Any) -> dict[str, torch.Tensor]:
+        """Token cut loss over the idle layers; L2-normalised class-feature MSE against the teacher."""
+        out: dict[str, torch.Tensor] = {}
+        if weights.get("cut", 0.0) > 0:
+            layers = getattr(recipe, "cut_loss_layers", "all")
+            out["cut"] = weights["cut"] * idle_cut_loss(state, layers=layers).to(tokens.device)
+        if teacher_tokens is not None and weights.get("feature", 0.0) > 0:
+            out["feature"] = weights["feature"] * idle_feature_loss(tokens[:, 0], teacher_tokens[:, 0])
         return out
 
-    def final_tokens(self, num_tokens: int) -> int:
-        return num_tokens  # nothing is dropped: every token reaches the final norm
+    # ------------------------------------------------------------------ pictures
+    def token_maps(self, run: Callable[[], ForwardState], grid: tuple[int, int],
+                   layers: Optional[Sequence[int]] = None) -> list[TokenMap]:
+        """The idle tokens of each idle layer in ``layers`` (default: up to four, evenly spaced)."""
+        recs = [r for r in run().records if isinstance(r, IdleRecord)]
+        if layers is None and len(recs) > 4:
+            recs = [recs[round(i * (len(recs) - 1) / 3)] for i in range(4)]
+        p = self.info.num_prefix_tokens
+        maps = []
+        for rec in recs:
+            if layers is not None and rec.layer not in layers:
+                continue
+            idx = rec.index[0].cpu().numpy()
+            status = np.ones(grid[0] * grid[1], dtype=np.int64)
+            status[idx[idx >= p] - p] = 0
+            maps.append(TokenMap(f"block {rec.layer + 1}: {int((status == 0).sum())} computed, "
+                                 f"{int(status.sum())} idle", state=status.reshape(grid)))
+        return maps
+
+    def picture_legend(self) -> str:
+        return "tinted: idle tokens (not computed in this block, passed on unchanged)"

@@ -1,4 +1,4 @@
-"""ToMe: Token Merging (Bolya et al., ICLR 2023). Spec: ``specs/tome.md``.
+"""ToMe: Token Merging (Bolya et al., ICLR 2023). Rules: ``docs/methods/tome.md``.
 
 In each block with ``r_l > 0``: attention (with the ``log(size)`` key bias when proportional
 attention is on), residual, then bipartite soft matching on the head-averaged keys that this
@@ -7,16 +7,19 @@ tokens. No parameters; works off the shelf.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+import contextlib
+from typing import Callable, Iterator, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import nn
 
-from ..errors import OptionError
+from ..errors import OptionError, VitrimError
 from ..ops.attention import attention_with_key_bias, log_size_bias
 from ..ops.merge import bipartite_soft_matching, clamp_r, merge_source, merge_wavg
+from ..ops.provenance import source_owners
 from ..state import ForwardState
-from .base import BlockTokens, ModelInfo, ReductionMethod, is_int, register_method
+from .base import BlockTokens, ModelInfo, ReductionMethod, TokenMap, is_int, register_method
 
 __all__ = ["ToMe", "parse_schedule"]
 
@@ -28,7 +31,7 @@ _SCHEDULE_FORMS = ("an int r >= 0 (the same r in every block), a list of per-blo
 
 
 def parse_schedule(r: Schedule, depth: int) -> list[int]:
-    """Per-block tokens to remove, ``[r_0, ..., r_{L-1}]`` (tome.md §8).
+    """Per-block tokens to remove, ``[r_0, ..., r_{L-1}]`` (docs/methods/tome.md, "Schedules").
 
     >>> parse_schedule((16, -1), 12)
     [32, 29, 26, 23, 20, 17, 14, 11, 8, 5, 2, 0]
@@ -72,6 +75,13 @@ class ToMe(ReductionMethod):
     """
 
     name = "tome"
+    order = 10
+    summary = "Token Merging: merge the r most similar token pairs per block, off the shelf (no training)"
+    strength = "r"
+    color = "tab:blue"
+    reduced_verb = "merged"
+    #: ``r`` at these fractions of ``num_patches // depth`` (DeiT-S: 8, 13, 16)
+    sweep_fractions: tuple[float, ...] = (0.5, 0.8, 1.0)
 
     def __init__(self, info: ModelInfo, r: Schedule = 0, prop_attn: bool = True,
                  trace_source: bool = False) -> None:
@@ -116,10 +126,77 @@ class ToMe(ReductionMethod):
             self.source = state.source
 
     # ------------------------------------------------------------------ accounting
-    def block_tokens(self, num_tokens: int) -> list[BlockTokens]:
-        out, t = [], num_tokens
-        for r in self.schedule:
-            t_next = t - clamp_r(r, t, self.info.num_prefix_tokens)
-            out.append(BlockTokens(q=t, kv=t, mlp=t_next))
-            t = t_next
-        return out
+    def plan_block(self, index: int, tokens_in: int, num_patches: int) -> BlockTokens:
+        r = clamp_r(self.schedule[index], tokens_in, self.info.num_prefix_tokens)
+        return BlockTokens(q=tokens_in, kv=tokens_in, mlp=tokens_in - r)
+
+    # ------------------------------------------------------------------ strength
+    @classmethod
+    def strength_grid(cls, info: ModelInfo) -> list[int]:
+        """Constant ``r`` from 0 to half the patch tokens."""
+        return list(range(0, info.num_patches // 2 + 1))
+
+    @classmethod
+    def default_sweep(cls, info: ModelInfo) -> list[dict]:
+        """``r`` at 0.5, 0.8 and 1.0 of ``num_patches // depth`` (DeiT-S: 8, 13, 16; the embedded model: 2, 4, 5)."""
+        r_max = max(info.num_patches // info.depth, 1)
+        return [{"r": r} for r in sorted({max(1, round(r_max * f)) for f in cls.sweep_fractions})]
+
+    # ------------------------------------------------------------------ provenance
+    @contextlib.contextmanager
+    def provenance(self) -> Iterator[None]:
+        """Trace the source map for the forwards inside (the option and ``self.source`` are restored)."""
+        if self.trace_source:
+            yield
+            return
+        saved = self.source
+        self.trace_source = True
+        try:
+            yield
+        finally:
+            self.trace_source = False
+            self.source = saved
+
+    def patch_owners(self, state: ForwardState, num_tokens: int, grid: tuple[int, int]) -> torch.Tensor:
+        """Each patch is carried by the final token of its merge group (multi-layer unmerge)."""
+        P, N0 = state.num_prefix_tokens, state.num_patches
+        if state.source is not None:
+            if state.source.shape[1] != num_tokens or state.source.shape[2] != P + N0:
+                raise VitrimError(f"source map {tuple(state.source.shape)} does not match {num_tokens} final tokens "
+                                  f"of {P + N0} input tokens")
+            return source_owners(state.source, P)
+        if state.size is not None:
+            raise VitrimError("tokens were merged but the forward kept no provenance: ToMe tracks it with "
+                              "trace_source=True; use vitrim.forward_dense(model, x), which turns it on for its "
+                              "forward, or vitrim.update(model, trace_source=True) before the forward")
+        return super().patch_owners(state, num_tokens, grid)
+
+    def token_maps(self, run: Callable[[], ForwardState], grid: tuple[int, int],
+                   layers: Optional[Sequence[int]] = None) -> list[TokenMap]:
+        """The merge groups after each of ``layers`` (default: after 1/4, 1/2, 3/4 and all blocks).
+
+        The source map is of the final tokens, so the picture after block ``l`` comes from a
+        forward with the schedule cut after ``l`` (merges in later blocks do not change earlier ones).
+        """
+        depth = self.info.depth
+        layers = layers or sorted({max(0, round(depth * f) - 1) for f in (0.25, 0.5, 0.75, 1.0)})
+        saved, schedule = (self.r, self.trace_source), list(self.schedule)
+        maps = []
+        try:
+            self.trace_source = True
+            for layer in layers:
+                self.r = schedule[:layer + 1]
+                state = run()
+                if state.source is None:
+                    maps.append(TokenMap(f"after block {layer + 1}: no merges yet",
+                                         groups=np.arange(grid[0] * grid[1]).reshape(grid)))
+                    continue
+                owner = source_owners(state.source, state.num_prefix_tokens)[0]
+                maps.append(TokenMap(f"after block {layer + 1}: {len(torch.unique(owner))} tokens",
+                                     groups=owner.reshape(grid).cpu().numpy()))
+        finally:
+            self.r, self.trace_source = saved
+        return maps
+
+    def picture_legend(self) -> str:
+        return "each merge group filled with its mean colour, outlined in white"

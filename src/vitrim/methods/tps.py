@@ -1,4 +1,4 @@
-"""TPS: joint token pruning and squeezing (Wei et al., CVPR 2023). Spec: ``specs/tps.md``.
+"""TPS: joint token pruning and squeezing (Wei et al., CVPR 2023). Rules: ``docs/methods/pruning.md``.
 
 Prune, then **squeeze**: every pruned token picks its most similar kept token (cosine similarity
 of the full features, unidirectional nearest neighbour) and each host becomes the e-anchored
@@ -9,7 +9,7 @@ a host that absorbs nothing is unchanged. No extra token, so a stage leaves ``pr
   masked fixed-shape training with Gumbel decisions, squeezing in the masked form).
 * ``etps``: EViT's class-attention ranking **inside** each location block, after the attention
   residual and before the MLP (``ceil(rho n)`` of the current count; gather in training too).
-  Only eTPS's squeezing was released; this scoring and placement are the spec's reconstruction
+  Only eTPS's squeezing was released; this scoring and placement are vitrim's reconstruction
   [inferred], supported by the FLOPs of the paper's figure.
 """
 from __future__ import annotations
@@ -37,7 +37,12 @@ class DTPS(DynamicViT):
     """
 
     name = "dtps"
+    order = 40
+    summary = "dTPS: DynamicViT's learned pruning, pruned tokens squeezed into their nearest kept token"
     squeeze = True
+    color = "tab:red"
+    reduced_verb = "squeezed"
+    token_distillation_mode = "kl"
 
 
 @register_method
@@ -51,6 +56,12 @@ class ETPS(EViT):
     """
 
     name = "etps"
+    order = 30
+    summary = "eTPS: EViT-style class-attention pruning, pruned tokens squeezed into their nearest kept token"
+    squeeze = True
+    color = "tab:green"
+    reduced_verb = "squeezed"
+    loss_weights = {"kd": 0.5}
 
     def __init__(self, info: ModelInfo, keep_rate: Union[float, Sequence[float]] = 0.7,
                  locations: Sequence[int] = (3, 6, 9)) -> None:
@@ -66,4 +77,8 @@ class ETPS(EViT):
         return squeeze_gather(kept, pruned, num_protected=num_prefix_tokens, return_hosts=True)
 
     def _reduction_macs(self, n: int, k: int) -> int:
-        return 2 * (n - k) * k * self.info.embed_dim  # squeeze: similarity and fusion (tps.md §7)
+        return 2 * (n - k) * k * self.info.embed_dim  # squeeze: similarity and fusion
+
+    def begin_training(self, recipe) -> None:
+        """eTPS's recipe has no keep-rate warm-up: the target rate holds from the first step."""
+        self._shrink_target = None

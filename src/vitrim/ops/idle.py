@@ -1,4 +1,6 @@
-"""Token idling (IdleViT, ``specs/idlevit.md`` §3-5) as pure batched functions on a block's own modules.
+"""Token idling (IdleViT) as pure batched functions on a block's own modules.
+
+Rules: ``docs/methods/idlevit.md`` ("Selection", "Inference", "Training").
 
 An idle layer computes only some rows: the prefix tokens plus the top-``K`` patch tokens ranked by
 the head-averaged pre-softmax class logits of this layer. The selected rows go through the block's
@@ -156,7 +158,7 @@ def low_rank_scoring(attn: nn.Module) -> bool:
 
 def rank_scores(attn: nn.Module, z: torch.Tensor, num_prefix: int
                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """IdleViT's ranking score: the head mean of the class query's pre-softmax logits (§3).
+    """IdleViT's ranking score: the head mean of the class query's pre-softmax logits ("Selection").
 
     Equal to ``class_attention_logits(attn, z).mean(1)`` (:mod:`vitrim.ops.attention`) by
     ``sum_h <q^h, k^h> = <q, k>``. Without ``k_norm`` the keys are linear in ``z``, so
@@ -197,7 +199,7 @@ def head_mean_logits(attn: nn.Module, q: torch.Tensor, k: torch.Tensor) -> torch
 
 def idle_block_gather(block: nn.Module, x: torch.Tensor, keep: int,
                       num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One idle layer, inference form (§4).
+    """One idle layer, inference form ("Inference").
 
     The class query ranks the patch tokens (:func:`rank_scores`: without ``k_norm`` no per-token
     keys are needed; with it the keys of all rows are computed and the selected ones reused), then
@@ -233,7 +235,7 @@ def idle_block_gather(block: nn.Module, x: torch.Tensor, keep: int,
 
 def idle_block_masked(block: nn.Module, x: torch.Tensor, keep: int, num_prefix: int
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One idle layer, masked fixed-shape training form (§5).
+    """One idle layer, masked fixed-shape training form ("Training").
 
     Every row is computed; every query (idle ones included) attends to the selected keys only;
     the residual updates of idle rows are discarded (``where``, so idle rows are bit-identical).

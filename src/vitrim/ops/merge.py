@@ -12,6 +12,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .provenance import source_owners
+
 __all__ = [
     "MergeDecision",
     "bipartite_soft_matching",
@@ -50,7 +52,7 @@ IDENTITY = MergeDecision(_identity_merge, _identity_unmerge, 0)
 
 
 def clamp_r(r: int, num_tokens: int, num_prefix_tokens: int) -> int:
-    """Tokens one block can remove: ``max(0, min(r, (T - k) // 2))`` (tome.md §9)."""
+    """Tokens one block can remove: ``max(0, min(r, (T - k) // 2))`` (docs/methods/tome.md, "Schedules")."""
     return max(0, min(int(r), (num_tokens - num_prefix_tokens) // 2))
 
 
@@ -184,5 +186,5 @@ def unmerge_from_source(y: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[B, T0, C]`` with ``out[b, i] = y[b, j]`` where ``source[b, j, i] == 1``.
     """
-    owner = source.argmax(dim=1)  # [B, T0]: one 1 per column
+    owner = source_owners(source)  # [B, T0]
     return y.gather(1, owner[..., None].expand(-1, -1, y.shape[-1]))

@@ -16,6 +16,7 @@ function treats its token axis as "the tokens that may be pruned": callers slice
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -23,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "PruneRecord",
+    "prune_records",
     "keep_count_current",
     "keep_count_original",
     "class_attention_probs",
@@ -38,8 +41,56 @@ __all__ = [
     "attend_with_policy",
 ]
 
-#: the host's own weight in TPS squeezing: ``exp(cos(x, x)) = e`` (tps.md §3.3)
+#: the host's own weight in TPS squeezing: ``exp(cos(x, x)) = e`` (docs/methods/pruning.md, "Squeezing (eTPS, dTPS)")
 E = math.e
+
+
+@dataclass(frozen=True)
+class PruneRecord:
+    """One pruning stage of one forward (an entry of ``ForwardState.records``; read with :func:`prune_records`).
+
+    Any method that removes patch tokens by a gather can record its stages this way
+    (``ReductionMethod.record_stage``); dense features and pictures then follow it with no
+    method-specific code.
+
+    Attributes:
+        method: the method's name.
+        block: 0-based block index of the location.
+        stage: 1-based position of the location among the method's locations.
+        target: the stage's configured keep rate (for DynamicViT / dTPS the ratio of the input
+            patch count ``N0``, the keep-ratio loss target; for EViT / eTPS of the current count).
+        kept: patch tokens kept by the stage (gather form; the top-K count in masked form).
+        keep: ``[B, N0]`` cumulative 0/1 keep decisions over all patch positions (masked training
+            form only; carries the straight-through gradient).
+        index: ``[B, kept]`` kept rows among the patch tokens entering the stage (gather form).
+        positions: ``[B, n_out]`` original patch position of every patch token leaving the stage
+            (gather form; ``-1`` for a token that is no patch, e.g. EViT's fused token).
+        scores: ``[B, n_in]`` the scores the decision ranked (class attention, or the
+            predictor's keep log-probability).
+        rest: ``[B, n_in - kept]`` pruned rows among the patch tokens entering the stage, in the
+            order of ``hosts`` (squeezing methods, gather form).
+        hosts: ``[B, n_in - kept]`` for each pruned row, the kept row (0..kept-1) it was squeezed into.
+        absorbs: the pruned tokens live on inside the leaving ones (squeezing): a stage that
+            absorbs must record ``hosts`` for dense features to follow it.
+    """
+
+    method: str
+    block: int
+    stage: int
+    target: float
+    kept: int
+    keep: Optional[torch.Tensor] = None
+    index: Optional[torch.Tensor] = None
+    positions: Optional[torch.Tensor] = None
+    scores: Optional[torch.Tensor] = None
+    rest: Optional[torch.Tensor] = None
+    hosts: Optional[torch.Tensor] = None
+    absorbs: bool = False
+
+
+def prune_records(state) -> list[PruneRecord]:
+    """The :class:`PruneRecord` of every stage of one forward (a ``ForwardState``), in order."""
+    return [r for r in state.records if isinstance(r, PruneRecord)]
 
 
 # ---------------------------------------------------------------------- keep counts
@@ -114,7 +165,7 @@ def fused_token(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     Args:
         x: ``[B, N, C]`` tokens.
         weights: ``[B, N]`` class-attention scores of the inattentive tokens and 0 for the kept
-            ones (not renormalised, evit.md §1: the token's scale is the inattentive tokens' total
+            ones (not renormalised, docs/methods/pruning.md "EViT": the token's scale is the inattentive tokens' total
             attention mass). Zeroing the kept weights instead of gathering the inattentive rows
             saves a copy; adding exact zeros does not change the sum.
 
@@ -141,7 +192,7 @@ def _absorb(hosts: torch.Tensor, src: torch.Tensor, host_index: torch.Tensor, we
     Computed as ``y = (A / D) @ src + x * (e / D)`` with the ``[B, R, M]`` assignment matrix
     ``A_ji = w_i [host_index_i = j]`` and ``D_j = e + sum_i A_ji``: one small matmul and one
     multiply-add over the hosts. A host that receives nothing has ``D = e``, ``e / D = 1``
-    exactly and a zero row in ``A``, so it is returned bit-identical (tps.md §12.2).
+    exactly and a zero row in ``A``, so it is returned bit-identical.
 
     Args:
         hosts: ``[B, R, C]``; src: ``[B, M, C]``; host_index: ``[B, M]`` into ``R``;
@@ -156,7 +207,7 @@ def _absorb(hosts: torch.Tensor, src: torch.Tensor, host_index: torch.Tensor, we
 
 def squeeze_gather(reserved: torch.Tensor, pruned: torch.Tensor, eps: float = 1e-6,
                    num_protected: int = 0, return_hosts: bool = False) -> torch.Tensor:
-    """TPS squeezing, gather form (tps.md §3.8): each pruned token joins its most similar reserved token.
+    """TPS squeezing, gather form (docs/methods/pruning.md, "Squeezing (eTPS, dTPS)"): each pruned token joins its most similar reserved token.
 
     Args:
         reserved: ``[B, R, C]`` kept tokens (the hosts), at least one after the protected rows.
@@ -181,7 +232,7 @@ def squeeze_gather(reserved: torch.Tensor, pruned: torch.Tensor, eps: float = 1e
 
 
 def squeeze_masked(x: torch.Tensor, keep: torch.Tensor, pruned_now: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """TPS squeezing, masked fixed-shape form (tps.md §3.9, dTPS training).
+    """TPS squeezing, masked fixed-shape form (dTPS training; docs/methods/pruning.md, "Squeezing").
 
     Args:
         x: ``[B, N, C]`` patch tokens (all positions, alive or not).
@@ -249,7 +300,7 @@ def _policy_keys(policy: torch.Tensor) -> torch.Tensor:
 
 
 def softmax_with_policy(logits: torch.Tensor, policy: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """DynamicViT's "softmax with policy" (dynamicvit.md §4): attention that ignores pruned keys.
+    """DynamicViT's "softmax with policy" (docs/methods/pruning.md, "DynamicViT"): attention that ignores pruned keys.
 
     Args:
         logits: ``[B, H, T, T]`` pre-softmax attention ``QK^T / sqrt(d)``.
@@ -275,7 +326,7 @@ def attend_with_policy(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: tor
     When the policy needs a gradient (training with a predictor), the explicit eps formula of
     :func:`softmax_with_policy` is used (a boolean mask would cut the predictor's gradient).
     Otherwise, on the fused path, SDPA runs with the allowed keys as a ``0 / -inf`` mask (the
-    spec's allowed fast path; it differs by the eps terms, ~1e-6).
+    allowed fast path; it differs by the eps terms, ~1e-6).
 
     Returns:
         ``[B, H, T, d]``.

@@ -1,22 +1,27 @@
-"""The training objective of each method: cross-entropy plus the spec's extra terms and weights.
+"""The training objective: cross-entropy, logit distillation, and the method's own terms.
 
-``Objective(method, recipe, teacher)(student_out, images, targets)`` returns the total loss and
-each weighted term separately (for logging). The teacher is a frozen unreduced copy of the
-starting model; it is run once per step and its logits / tokens feed every distillation term.
-Method-specific terms are registered with :func:`register_terms` by method name.
+``Objective(method, recipe, teacher, mixup_active)(student_out, targets, teacher_out)`` returns the
+total loss and each weighted term separately (for logging). The method says which terms it adds
+and their weights (``ReductionMethod.loss_weights`` and ``loss_terms``); a recipe field
+``<term>_weight`` (e.g. ``kd_weight``) or an entry of ``recipe.loss_weights`` overrides a weight. The
+teacher is a frozen unreduced copy of the starting model; it is run once per step and its logits
+/ tokens feed every distillation term.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
 from ..losses import kl_logit_distillation
+from ..methods.base import ReductionMethod, get_method_class
 from ..state import ForwardState
 
-__all__ = ["StudentOutput", "TeacherOutput", "Objective", "register_terms", "SPEC_WEIGHTS"]
+__all__ = ["StudentOutput", "TeacherOutput", "Objective", "loss_weights"]
+
+MethodArg = Union[None, str, type[ReductionMethod], ReductionMethod]
 
 
 @dataclass
@@ -32,39 +37,50 @@ class TeacherOutput:
     tokens: torch.Tensor                 # final post-norm tokens [B, T0, C]
 
 
-# Spec weights per method (recipe fields left at None take these).
-SPEC_WEIGHTS: dict[str, dict[str, float]] = {
-    "none": {"kd_weight": 0.0},
-    "tome": {"kd_weight": 0.0},
-    "evit": {"kd_weight": 0.0},
-    "etps": {"kd_weight": 0.5},
-    "dynamicvit": {"kd_weight": 0.5, "ratio_weight": 2.0, "token_weight": 0.5},
-    "dtps": {"kd_weight": 0.5, "ratio_weight": 2.0, "token_weight": 0.5},
-    "idle": {"kd_weight": 10.0, "cut_weight": 20.0, "feature_weight": 1000.0},
-}
-
-TermFn = Callable[["Objective", StudentOutput, Optional[TeacherOutput]], dict[str, torch.Tensor]]
-_TERMS: dict[str, TermFn] = {}
+def _method_class(method: MethodArg) -> Optional[type[ReductionMethod]]:
+    if method is None or method in ("none", ""):
+        return None
+    if isinstance(method, ReductionMethod):
+        return type(method)
+    if isinstance(method, type):
+        return method
+    return get_method_class(method)
 
 
-def register_terms(method: str) -> Callable[[TermFn], TermFn]:
-    """Decorator: extra loss terms (already weighted) for ``method``."""
-    def wrap(fn: TermFn) -> TermFn:
-        _TERMS[method] = fn
-        return fn
-    return wrap
+def loss_weights(method: MethodArg, recipe) -> dict[str, float]:
+    """Every term's weight: the recipe's override (``<term>_weight`` field, then ``recipe.loss_weights``),
+    else the method's own (``ReductionMethod.loss_weights``), else 0. ``kd`` is always present."""
+    cls = _method_class(method)
+    spec = dict(cls.loss_weights) if cls is not None else {}
+    given = dict(getattr(recipe, "loss_weights", None) or {})
+    names = {"kd", *spec, *given, *(f[:-len("_weight")] for f in vars(recipe) if f.endswith("_weight"))}
+    out = {}
+    for name in sorted(names):
+        field_value = getattr(recipe, f"{name}_weight", None)
+        value = field_value if field_value is not None else given.get(name, spec.get(name, 0.0))
+        out[name] = float(value)
+    return out
 
 
 class Objective:
-    def __init__(self, method: str, recipe, teacher: Optional[nn.Module], mixup_active: bool, method_module=None):
+    """The loss of one training step (see the module docstring).
+
+    Args:
+        method: the installed method (its terms run on the student's state), its class or its
+            name (weights only), or ``None`` / ``"none"`` for an unreduced model.
+        recipe: the training recipe (weights, label smoothing, method settings).
+        teacher: the frozen unreduced teacher (``None``: no distillation).
+        mixup_active: Mixup / CutMix soft targets (soft-target cross-entropy).
+    """
+
+    def __init__(self, method: MethodArg, recipe, teacher: Optional[nn.Module], mixup_active: bool):
         from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-        self.method = method
-        self.method_module = method_module
+        self.method = method if isinstance(method, ReductionMethod) else None
+        cls = _method_class(method)
         self.recipe = recipe
-        spec = SPEC_WEIGHTS.get(method, {})
-        self.weights = {name: (getattr(recipe, name) if getattr(recipe, name) is not None else spec.get(name, 0.0))
-                        for name in ("kd_weight", "ratio_weight", "token_weight", "cut_weight", "feature_weight")}
+        self.weights = loss_weights(method, recipe)
+        self.teacher_terms = ("kd", *(cls.teacher_terms if cls is not None else ()))
         self.teacher = teacher if recipe.distill else None
         if mixup_active:
             self.criterion = SoftTargetCrossEntropy()  # label smoothing is folded into the Mixup targets
@@ -75,8 +91,7 @@ class Objective:
 
     @property
     def needs_teacher(self) -> bool:
-        return self.teacher is not None and any(
-            self.weights[k] > 0 for k in ("kd_weight", "token_weight", "feature_weight"))
+        return self.teacher is not None and any(self.weights.get(t, 0.0) > 0 for t in self.teacher_terms)
 
     @torch.no_grad()
     def run_teacher(self, images: torch.Tensor) -> Optional[TeacherOutput]:
@@ -91,46 +106,10 @@ class Objective:
         if isinstance(logits, tuple):  # distilled DeiT in distilled-training mode: average the heads
             logits = (logits[0] + logits[1]) / 2
         terms = {"ce": self.criterion(logits, targets)}
-        if teacher is not None and self.weights["kd_weight"] > 0:
-            terms["kd"] = self.weights["kd_weight"] * kl_logit_distillation(logits, teacher.logits)
-        if self.method in _TERMS:
-            terms.update(_TERMS[self.method](self, student, teacher))
+        if teacher is not None and self.weights["kd"] > 0:
+            terms["kd"] = self.weights["kd"] * kl_logit_distillation(logits, teacher.logits)
+        if self.method is not None and student.state is not None:
+            terms.update(self.method.loss_terms(student.state, student.tokens,
+                                                None if teacher is None else teacher.tokens, self.weights, self.recipe))
         total = sum(terms.values())
         return total, {k: float(v.detach()) for k, v in terms.items()}
-
-
-def _weighted(obj: "Objective", name: str, value: torch.Tensor) -> torch.Tensor:
-    return obj.weights[name] * value
-
-
-@register_terms("dynamicvit")
-@register_terms("dtps")
-def _pruning_terms(obj: Objective, s: StudentOutput, t: Optional[TeacherOutput]) -> dict[str, torch.Tensor]:
-    """Keep-ratio loss on the cumulative decisions, token distillation at kept positions
-    (DynamicViT on DeiT: MSE; dTPS: channel KL), dynamicvit.md §6, tps.md §5."""
-    from ..losses.pruning import final_keep_mask, keep_ratio_loss, pruning_decisions, token_distillation
-
-    out: dict[str, torch.Tensor] = {}
-    decisions, targets = pruning_decisions(s.state)
-    if obj.weights["ratio_weight"] > 0 and decisions:
-        out["ratio"] = _weighted(obj, "ratio_weight", keep_ratio_loss(decisions, targets))
-    if t is not None and obj.weights["token_weight"] > 0 and s.tokens.shape == t.tokens.shape:
-        k = s.state.num_prefix_tokens
-        mode = "kl" if obj.method == "dtps" else "mse"
-        out["token"] = _weighted(obj, "token_weight", token_distillation(
-            s.tokens[:, k:], t.tokens[:, k:], final_keep_mask(s.state), mode))
-    return out
-
-
-@register_terms("idle")
-def _idle_terms(obj: Objective, s: StudentOutput, t: Optional[TeacherOutput]) -> dict[str, torch.Tensor]:
-    """Token cut loss over the idle layers, L2-normalised class-feature MSE (idlevit.md §6-7)."""
-    from ..losses.idle import idle_cut_loss, idle_feature_loss
-
-    out: dict[str, torch.Tensor] = {}
-    if obj.weights["cut_weight"] > 0:
-        out["cut"] = _weighted(obj, "cut_weight", idle_cut_loss(s.state, layers=obj.recipe.cut_loss_layers)
-                               .to(s.tokens.device))
-    if t is not None and obj.weights["feature_weight"] > 0:
-        out["feature"] = _weighted(obj, "feature_weight", idle_feature_loss(s.tokens[:, 0], t.tokens[:, 0]))
-    return out

@@ -3,7 +3,7 @@
 Every field can be overridden from the command line or a YAML config. Learning rates follow
 each paper's rule: ``lr_base_batch`` set means ``lr = lr * total_batch / lr_base_batch``
 (linear scaling); ``None`` means the value is used as given. Loss weights left at ``None``
-take the method's spec weights (see :mod:`vitrim.train.objective`).
+take the method's own weights (see :mod:`vitrim.train.objective`).
 """
 from __future__ import annotations
 
@@ -56,18 +56,19 @@ class Recipe:
     # precision and memory
     amp: bool = True                   # autocast + GradScaler on CUDA (ignored on CPU)
     grad_checkpointing: bool = False
-    # losses (None = the method's spec weight)
+    # losses (None = the method's own weight, ReductionMethod.loss_weights)
     kd_weight: Optional[float] = None
     ratio_weight: Optional[float] = None
     token_weight: Optional[float] = None
     cut_weight: Optional[float] = None
     feature_weight: Optional[float] = None
+    loss_weights: dict = field(default_factory=dict)  # any term's weight by name (a method's own terms too)
     distill: bool = True               # teacher = frozen unreduced copy of the starting model
-    cut_loss_layers: str = "all"       # IdleViT: "alternate" reproduces the official loop (idlevit.md §6)
-    # EViT keep-rate warm-up (evit.md §3): rate 1 before shrink_start, ramp over shrink_epochs
+    cut_loss_layers: str = "all"       # IdleViT: "alternate" reproduces the official loop (docs/methods/idlevit.md, "Losses")
+    # EViT keep-rate warm-up (docs/training.md, "EViT"): rate 1 before shrink_start, ramp over shrink_epochs
     shrink_start_epoch: int = 0
     shrink_epochs: int = 0
-    faithful: bool = False             # TPS: the PyTorch scripts' backbone-LR handling (tps.md §10 defect 2)
+    faithful: bool = False             # TPS: the PyTorch scripts' backbone-LR handling (docs/training.md, "TPS")
 
     def total_lr(self, total_batch: int) -> float:
         return self.lr if self.lr_base_batch is None else self.lr * total_batch / self.lr_base_batch
@@ -86,38 +87,38 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "idlevit": Recipe(
-        name="idlevit", description="IdleViT 30-epoch fine-tune (idlevit.md §8): lr 1e-5 x batch/512 (4e-5 at 2048), "
+        name="idlevit", description="IdleViT 30-epoch fine-tune: lr 1e-5 x batch/512 (4e-5 at 2048), "
         "no warm-up, frozen cls_token/pos_embed, cut 20, KL 10, feature MSE 1000",
         epochs=30, batch_size=1024, lr=1e-5, lr_base_batch=512, min_lr=1e-6, warmup_epochs=0, warmup_lr=1e-6,
         weight_decay=0.05, frozen=("cls_token", "pos_embed"), drop_path=0.0, grad_checkpointing=True,
         cut_weight=20.0, kd_weight=10.0, feature_weight=1000.0),
     "evit": Recipe(
-        name="evit", description="EViT 30-epoch fine-tune (evit.md §4): lr 2e-5 x batch/512 (8e-5 at 2048), "
+        name="evit", description="EViT 30-epoch fine-tune: lr 2e-5 x batch/512 (8e-5 at 2048), "
         "min lr 2e-6, wd 1e-6, no warm-up, keep rate fixed from step 0, CE only",
         epochs=30, batch_size=256, lr=2e-5, lr_base_batch=512, min_lr=2e-6, warmup_epochs=0, weight_decay=1e-6,
         drop_path=0.0, distill=False, shrink_start_epoch=0, shrink_epochs=0),
     "evit-scratch": Recipe(
-        name="evit-scratch", description="EViT from scratch (evit.md §4): DeiT recipe, 300 epochs, lr 5e-4 x batch/512, "
+        name="evit-scratch", description="EViT from scratch: DeiT recipe, 300 epochs, lr 5e-4 x batch/512, "
         "drop path 0.1, keep-rate warm-up from epoch 10 over 100 epochs, CE only",
         epochs=300, batch_size=128, lr=5e-4, lr_base_batch=512, min_lr=1e-5, warmup_epochs=5, weight_decay=0.05,
         drop_path=0.1, distill=False, shrink_start_epoch=10, shrink_epochs=100),
     "dynamicvit": Recipe(
-        name="dynamicvit", description="DynamicViT (dynamicvit.md §7): 30 epochs, batch 1024, lr 1e-3 as given, "
+        name="dynamicvit", description="DynamicViT fine-tune: 30 epochs, batch 1024, lr 1e-3 as given, "
         "5 warm-up epochs, min lr 1e-6, backbone lr x0.01, fp32, ratio 2, KL 0.5, token MSE 0.5",
         epochs=30, batch_size=128, lr=1e-3, lr_base_batch=None, min_lr=1e-6, warmup_epochs=5, weight_decay=0.05,
         backbone_lr_scale=0.01, drop_path=0.0, amp=False, repeated_aug=0,
         ratio_weight=2.0, kd_weight=0.5, token_weight=0.5),
     "dtps": Recipe(
-        name="dtps", description="dTPS (tps.md §6): 30 epochs, total batch 1024, lr 2.5e-4 as given, 5 warm-up epochs "
+        name="dtps", description="dTPS fine-tune: 30 epochs, total batch 1024, lr 2.5e-4 as given, 5 warm-up epochs "
         "from 1e-6, min lr 1e-5, backbone lr x0.01 (faithful=True: x1), ratio 2, KL 0.5 + token KL 0.5",
         epochs=30, batch_size=128, lr=2.5e-4, lr_base_batch=None, min_lr=1e-5, warmup_epochs=5, warmup_lr=1e-6,
         weight_decay=0.05, backbone_lr_scale=0.01, drop_path=0.0, ratio_weight=2.0, kd_weight=0.5, token_weight=0.5),
     "etps": Recipe(
-        name="etps", description="eTPS (tps.md §2, §6): the dTPS schedule, no ratio loss, CE + 0.5 logit KL",
+        name="etps", description="eTPS fine-tune: the dTPS schedule, no ratio loss, CE + 0.5 logit KL",
         epochs=30, batch_size=128, lr=2.5e-4, lr_base_batch=None, min_lr=1e-5, warmup_epochs=5, warmup_lr=1e-6,
         weight_decay=0.05, drop_path=0.0, kd_weight=0.5),
     "tome": Recipe(
-        name="tome", description="ToMe-trained DeiT (tome.md §13): the DeiT recipe the released checkpoints used "
+        name="tome", description="ToMe-trained DeiT: the DeiT recipe the released checkpoints used "
         "[inferred: 300 epochs, lr 5e-4 x batch/512, drop path 0.1]; CE, optional KL via kd_weight",
         epochs=300, batch_size=128, lr=5e-4, lr_base_batch=512, min_lr=1e-5, warmup_epochs=5, weight_decay=0.05,
         drop_path=0.1, kd_weight=0.0),
@@ -129,7 +130,7 @@ RECIPES: dict[str, Recipe] = {
         repeated_aug=0, smoothing=0.1, drop_path=0.0, distill=False, kd_weight=0.0),
     "digits-finetune": Recipe(
         name="digits-finetune", description="Short fine-tune of a reduced embedded model on the digits canvases "
-        "with the method's spec losses (distillation from the unreduced model)",
+        "with the method's training losses (distillation from the unreduced model)",
         epochs=3, batch_size=32, lr=1e-4, lr_base_batch=None, min_lr=1e-5, warmup_epochs=0, weight_decay=0.05,
         mixup=0.0, cutmix=0.0, auto_augment=None, color_jitter=0.0, reprob=0.0, scale=(0.85, 1.0), hflip=0.0,
         repeated_aug=0, smoothing=0.1, drop_path=0.0),

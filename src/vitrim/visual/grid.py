@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .ops.merge import unmerge_from_source
+from ..ops.merge import unmerge_from_source
+from ..ops.provenance import source_owners
 
 __all__ = ["source_to_grid", "tokens_to_grid"]
 
@@ -24,7 +25,7 @@ def source_to_grid(source: torch.Tensor, grid_size: tuple[int, int], num_prefix_
     if h * w != T0 - num_prefix_tokens:
         raise ValueError(f"grid {h}x{w} has {h * w} patches but source covers {T0 - num_prefix_tokens} "
                          f"(T0={T0}, num_prefix_tokens={num_prefix_tokens})")
-    return source[:, :, num_prefix_tokens:].argmax(dim=1).reshape(B, h, w)
+    return source_owners(source, num_prefix_tokens).reshape(B, h, w)
 
 
 def tokens_to_grid(tokens: torch.Tensor, source: torch.Tensor, grid_size: tuple[int, int],

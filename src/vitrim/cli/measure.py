@@ -1,0 +1,95 @@
+"""``vitrim bench`` and ``vitrim flops``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import torch
+
+from ..api import flops, flops_report, traced_flops
+from ..measure.bench import benchmark
+from .common import add_model_args, build_models, device_of, input_hw, label
+
+__all__ = ["add_measure_parsers", "cmd_bench", "cmd_flops"]
+
+
+def add_measure_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="throughput of a reduced model vs the unreduced one, same run",
+                       description="Median images/s of the unreduced model and the reduced one, measured side by "
+                                   "side (warm-up, interleaved repetitions), and the speed-up ratio.")
+    add_model_args(p)
+    p.add_argument("--batch-size", type=int, nargs="+", default=[32], help="one or more batch sizes (default: 32)")
+    p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"],
+                   help="fp32 and/or autocast bf16/fp16 (default: fp32)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed forwards per model (default: 3)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repetitions; the median is reported (default: 5)")
+    p.add_argument("--iters", type=int, default=3, help="forwards per repetition (default: 3)")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models first")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("flops", help="per-layer token counts and analytic GMACs",
+                       description="Analytic GMACs in the papers' convention (MACs, batch 1), per block.")
+    add_model_args(p)
+    p.add_argument("--traced", action="store_true", help="also count with torch's FlopCounterMode")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_flops)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    base, reduced, options = build_models(args)
+    device = device_of(args.device)
+    models = {args.model: base.to(device)}
+    gm = {args.model: flops(base, args.img_size)}
+    if reduced is not None:
+        name = label(args.method, options)
+        models[name] = reduced.to(device)
+        gm[name] = flops(reduced, args.img_size)
+    if args.compile:
+        models = {k: torch.compile(v) for k, v in models.items()}
+    h, w = input_hw(base, args.img_size)
+    results = []
+    total = len(args.batch_size) * len(args.precision) * args.repeats
+    with tqdm(total=total, desc="bench", disable=args.json or not sys.stderr.isatty(), file=sys.stderr) as bar:
+        for precision in args.precision:
+            for bs in args.batch_size:
+                bar.set_postfix(batch=bs, precision=precision)
+                res = benchmark(models, batch_size=bs, input_size=(3, h, w), device=device, precision=precision,
+                                warmup=args.warmup, repeats=args.repeats, iters=args.iters, compiled=args.compile,
+                                gmacs=gm, progress=lambda _: bar.update(1))
+                results.append(res)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        for r in results:
+            print(r.table())
+            if len(r.timings) > 1:
+                flops_ratio = r.timings[0].gmacs / r.timings[1].gmacs
+                print(f"FLOPs ratio {flops_ratio:.2f}x, measured speed-up {r.timings[1].speedup:.2f}x\n")
+    return 0
+
+
+def cmd_flops(args: argparse.Namespace) -> int:
+    base, reduced, _ = build_models(args)
+    model = reduced if reduced is not None else base
+    size = args.img_size
+    report = flops_report(model, size)
+    out: dict[str, Any] = {"reduced": report.to_dict(), "unreduced_gmacs": flops(base, size)}
+    if args.traced:
+        g, detail = traced_flops(model, size, detail=True)
+        out["traced_gmacs"], out["traced_detail"] = g, detail
+    if args.json:
+        print(json.dumps(out, indent=2, default=str))
+        return 0
+    print(report.table())
+    print(f"unreduced {out['unreduced_gmacs']:.3f} GMACs  ratio {out['unreduced_gmacs'] / report.gmacs:.2f}x")
+    if args.traced:
+        print(f"traced (FlopCounterMode / 2) {out['traced_gmacs']:.3f} GMACs"
+              + ("  [SDPA not counted by this torch: re-counted with explicit attention]"
+                 if out["traced_detail"]["explicit_attention_fallback"] else ""))
+    return 0

@@ -1,0 +1,40 @@
+"""What ``vitrim compare`` measures: one :class:`Row` per configuration, and the whole run."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+__all__ = ["Row", "CompareResult"]
+
+
+@dataclass
+class Row:
+    """One measured configuration."""
+
+    method: str                       # "none" for the unreduced model
+    options: dict
+    weights: str                      # "off-the-shelf" or the checkpoint path
+    gmacs: float
+    params_m: float
+    top1: Optional[float] = None
+    top5: Optional[float] = None
+    img_per_s: dict = field(default_factory=dict)   # batch size -> median img/s
+    speedup: dict = field(default_factory=dict)     # batch size -> ratio to the unreduced model
+    latency_ms: Optional[float] = None              # batch 1, median ms per image
+
+    @property
+    def setting(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.options.items()) or "-"
+
+    @property
+    def name(self) -> str:
+        return "unreduced" if self.method == "none" else f"{self.method} {self.setting}"
+
+
+@dataclass
+class CompareResult:
+    rows: list[Row]
+    batch_sizes: list[int]
+    paths: dict                       # "csv", "md", "plot_gmacs", "plot_throughput" -> path
+    env: dict
+    images: int = 0
