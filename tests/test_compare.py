@@ -72,5 +72,9 @@ def test_cli_checkpoint_row(tmp_path, capsys):
                          "--checkpoint", f"idle:0.9={ckpt}", "--output", str(tmp_path / "r")])
     assert args.func(args) == 0
     out = capsys.readouterr().out
-    assert "| idle | keep_rate=0.9 | " + str(ckpt) in out and "| idle | keep_rate=0.5 | off-the-shelf" in out
+    lines = out.splitlines()
+    assert any(l.split()[:2] == ["idle", "keep_rate=0.9"] and l.endswith("checkpoint [1]") for l in lines)
+    assert f"[1] {ckpt}" in lines
+    off = next(l for l in lines if l.split()[:2] == ["idle", "keep_rate=0.5"])
+    assert "checkpoint" not in off and "untrained" not in off  # off the shelf
     assert "wrote " + str(tmp_path / "r" / "acc_vs_gmacs.png") in out

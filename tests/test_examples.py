@@ -16,7 +16,7 @@ def test_custom_method_example(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "custom_method.py"), "--output", str(out),
-                           "--max-images", "64"], capture_output=True, text=True, env=env, timeout=900)
+                           "--max-images", "64"], capture_output=True, text=True, env=env, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = proc.stdout
     assert "registered methods:" in text and "normtopk" in text.split("registered methods:")[1].splitlines()[0]

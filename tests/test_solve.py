@@ -1,4 +1,6 @@
 """vitrim.solve: budgets to option values (analytic GMACs), apply(target_gmacs=...), errors."""
+import importlib
+
 import pytest
 import timm
 import torch
@@ -64,16 +66,32 @@ def test_errors(deit_s, kwargs, match):
         vitrim.solve(deit_s, "tome", **kwargs)
 
 
-def test_target_speedup_measured():
-    from vitrim.measure.bench import benchmark
+def test_target_speedup_measured(monkeypatch):
+    """The speed-up budget bisects over measured speed-ups. The measurement is replaced by the FLOPs ratio
+    here, so the test does not depend on the machine's load (speed is measured in benchmarks, never
+    asserted); the real measurement runs once below, unasserted beyond returning a positive ratio."""
+    solve_mod = importlib.import_module("vitrim.solve")  # the module (vitrim.solve is the function)
 
     model = timm.create_model("deit_tiny_patch16_224", img_size=160).eval()
+    base = vitrim.flops(model)
+    calls = []
+
+    def by_flops(base_model, method, options, *args, **kwargs):
+        calls.append(options)
+        reduced = vitrim.apply(timm.create_model("deit_tiny_patch16_224", img_size=160), method, **options)
+        return base / vitrim.flops(reduced)
+
+    monkeypatch.setattr(solve_mod, "_measure_speedup", by_flops)
     opts = vitrim.solve(model, "tome", target_speedup=1.3, batch_size=4, repeats=1)
     assert 0 < opts["r"] < 50  # neither the model itself nor the strongest setting
     reduced = vitrim.apply(timm.create_model("deit_tiny_patch16_224", img_size=160).eval(), "tome", **opts)
-    res = benchmark({"base": model, "reduced": reduced}, batch_size=4, input_size=(3, 160, 160), warmup=1, repeats=3, iters=2)
-    assert res.timings[1].speedup > 1.1  # met when solved; re-measured with some slack for noise
+    assert base / vitrim.flops(reduced) >= 1.3  # met when solved
+    weaker = vitrim.apply(timm.create_model("deit_tiny_patch16_224", img_size=160).eval(), "tome", r=opts["r"] - 1)
+    assert base / vitrim.flops(weaker) < 1.3  # and the weakest setting that meets it
     with pytest.raises(OptionError, match="unreachable"):
         vitrim.solve(model, "tome", target_speedup=50.0, batch_size=2, repeats=1)
     with pytest.raises(OptionError, match="below 1"):
         vitrim.solve(model, "tome", target_speedup=0.5)
+    monkeypatch.undo()
+    measured = solve_mod._measure_speedup(model, "tome", {"r": 8}, 2, torch.device("cpu"), (3, 160, 160), 1)
+    assert measured > 0

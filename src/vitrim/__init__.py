@@ -22,9 +22,8 @@ from .methods.base import BlockTokens, ModelInfo, ReductionMethod, TokenMap, reg
 from .ops.merge import unmerge_from_source
 from .solve import solve
 from .state import ForwardState
+from .version import __version__
 from .visual import forward_dense, restore_grid, source_to_grid
-
-__version__ = "0.1.0"
 
 __all__ = [
     "apply", "remove", "update", "methods", "get_method", "is_reduced", "forward_tokens", "forward_with_state",

@@ -6,7 +6,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .adapters import attach, get_adapter, is_reduced
+from .adapters import attach, get_adapter, is_reduced, resolve_img_size
 from .errors import AlreadyReducedError, NotReducedError, VitrimError
 from .measure.flops import FlopsReport, count_traced, model_name
 from .methods.base import ReductionMethod, method_names
@@ -16,7 +16,7 @@ from .state import ForwardState
 __all__ = ["apply", "remove", "update", "methods", "get_method", "is_reduced", "forward_tokens", "forward_with_state",
            "flops", "flops_report", "traced_flops", "resolve_img_size"]
 
-ImgSize = Union[int, tuple[int, int], None]
+ImgSize = Union[int, tuple[int, int], None]  # an int is a square input
 
 
 def methods() -> list[str]:
@@ -86,17 +86,6 @@ def forward_with_state(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor,
 
 
 # ---------------------------------------------------------------------- FLOPs
-def resolve_img_size(model: nn.Module, img_size: ImgSize = None) -> tuple[int, int]:
-    """``(H, W)`` from an int, a pair, or ``None`` (the model's default input size)."""
-    if img_size is None:
-        return tuple(get_adapter(model).default_img_size())
-    if isinstance(img_size, int) and not isinstance(img_size, bool):
-        return img_size, img_size
-    if not isinstance(img_size, (tuple, list)) or len(img_size) != 2:
-        raise ValueError(f"img_size must be an int or (height, width), got {img_size!r}")
-    return int(img_size[0]), int(img_size[1])
-
-
 def flops_report(model: nn.Module, img_size: ImgSize = None) -> FlopsReport:
     """Per-layer analytic GMACs of ``model`` as reduced now (or unreduced), at batch 1."""
     adapter = get_adapter(model)

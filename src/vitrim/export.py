@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import inspect
 import os
-import sys
 from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from .adapters import resolve_img_size
+from .checks import writable_file
 from .errors import VitrimError
 
 __all__ = ["export_onnx", "check_onnx", "verify_onnx"]
@@ -68,8 +69,19 @@ def _output_name(model: nn.Module, x: torch.Tensor) -> str:
     return "logits"
 
 
+def _require_onnx() -> None:
+    """The ONNX packages export needs, or a clear error saying how to install them."""
+    import importlib.util
+
+    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise VitrimError(f"ONNX export needs {' and '.join(missing)}, which are not installed: "
+                          f"pip install 'vitrim[onnx]' (onnx, onnxscript and onnxruntime for --verify)")
+
+
 def _input_size(input_size: Sequence[int]) -> tuple[int, int, int, int]:
-    if len(input_size) != 4 or not all(isinstance(v, int) and v > 0 for v in input_size):
+    if isinstance(input_size, (str, bytes)) or len(input_size) != 4 \
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_size):
         raise VitrimError(f"input_size must be (batch, channels, height, width) positive ints, got {tuple(input_size)!r}")
     return tuple(input_size)  # type: ignore[return-value]
 
@@ -93,13 +105,15 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], input_size: Seq
         >>> model = vitrim.apply(timm.create_model("deit_small_patch16_224"), "tome", r=13)
         >>> vitrim.export_onnx(model, "deit_s_tome13.onnx", input_size=(1, 3, 224, 224))
     """
-    if opset < MIN_OPSET:
-        raise VitrimError(f"opset must be >= {MIN_OPSET}, got {opset}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
+        raise VitrimError(f"opset must be an int >= {MIN_OPSET}, got {opset!r}")
     if "custom_translation_table" not in inspect.signature(torch.onnx.export).parameters:
         raise VitrimError(f"export_onnx needs PyTorch's dynamo ONNX exporter with custom translations "
                           f"(torch >= 2.6); this is torch {torch.__version__}")
+    _require_onnx()
     size = _input_size(input_size)
-    path = os.fspath(path)
+    resolve_img_size(model, size[2:])  # the model can run this input (fixed or patch-multiple sizes)
+    path = str(writable_file(path, "ONNX file", (".onnx",)))
     param = next(model.parameters())
     x = torch.randn(*size, device=param.device, dtype=param.dtype)
     was_training = model.training
@@ -155,7 +169,10 @@ def verify_onnx(model: nn.Module, path: Union[str, os.PathLike], x: Optional[tor
 
     ``x`` defaults to a standard-normal input of the graph's shape (seed 0).
     """
-    import onnxruntime as ort
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise VitrimError("checking an ONNX graph needs onnxruntime: pip install 'vitrim[onnx]'") from None
 
     sess = ort.InferenceSession(os.fspath(path), providers=list(providers))
     inp = sess.get_inputs()[0]

@@ -19,51 +19,81 @@ def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] 
     """``timm.create_model`` with vitrim's checks; ``checkpoint`` loads a local state dict."""
     import timm
 
+    if not isinstance(name, str) or not name:
+        raise VitrimError(f"model must be a timm model name (str), got {name!r}")
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         raise VitrimError(f"unknown timm model {name!r}" + (f"; similar names: {', '.join(close)}" if close else "")
                           + "; see timm.list_models()")
     if img_size is not None:
+        if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1:
+            raise VitrimError(f"img_size must be an int >= 1, got {img_size!r}")
+        if "img_size" in kwargs and kwargs["img_size"] != img_size:
+            raise VitrimError(f"img_size given twice ({img_size} and {kwargs['img_size']!r} in the model arguments)")
         kwargs["img_size"] = img_size
+    if checkpoint is not None:
+        state = state_dict_of(read_checkpoint(checkpoint), checkpoint)  # read before any model is built
     try:
-        try:
-            model = timm.create_model(name, pretrained=pretrained and checkpoint is None, **kwargs)
-        except TypeError as err:
-            # models whose size is only a property of the input (convolutional stems: PVT-v2) take no
-            # img_size argument; they run at the requested size anyway
-            if "img_size" not in kwargs or "img_size" not in str(err):
-                raise
-            kwargs.pop("img_size")
-            model = timm.create_model(name, pretrained=pretrained and checkpoint is None, **kwargs)
+        model = _timm_create(timm, name, pretrained and checkpoint is None, kwargs)
+    except TypeError as err:
+        raise VitrimError(f"{name} does not take the argument(s) given ({err}); accepted: the keyword arguments "
+                          f"of its timm constructor") from None
     except (OSError, RuntimeError, ValueError) as err:
+        if "size mismatch" in str(err):
+            raise VitrimError(f"the pretrained weights of {name!r} do not fit the model built with {kwargs or 'its defaults'}"
+                              f": {str(err)[:400]}") from None
         if pretrained:
-            raise VitrimError(f"could not load pretrained weights for {name!r} ({type(err).__name__}: {err}). "
+            raise VitrimError(f"could not load pretrained weights for {name!r} ({type(err).__name__}: {str(err)[:300]}). "
                               f"Without network access, download the weights elsewhere and pass "
                               f"--checkpoint PATH (or checkpoint=PATH)") from err
-        raise
+        raise VitrimError(f"could not build {name!r} with {kwargs or 'its defaults'}: {err}") from err
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint)
+        load_checkpoint(model, state, path=checkpoint)
     return model
+
+
+def _timm_create(timm, name: str, pretrained: bool, kwargs: dict) -> nn.Module:
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as err:
+        # models whose size is only a property of the input (convolutional stems: PVT-v2) take no
+        # img_size argument; they run at the requested size anyway
+        if "img_size" not in kwargs or "img_size" not in str(err):
+            raise
+        return timm.create_model(name, pretrained=pretrained, **{k: v for k, v in kwargs.items() if k != "img_size"})
+
+
+_ACCEPTED = ("accepted: a state dict or a dict holding one under 'model' / 'state_dict' (timm, vitrim's best.pt or "
+             "last.pt, torch.save(model.state_dict())), or a .safetensors file")
 
 
 def read_checkpoint(path: str) -> Any:
     """The object stored at ``path`` (``torch.load(weights_only=True)`` on CPU, or a ``.safetensors`` state dict)."""
-    if not os.path.isfile(path):
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
         raise VitrimError(f"checkpoint {path!r} does not exist or is not a file")
+    path = os.fspath(path)
+    if os.path.getsize(path) == 0:
+        raise VitrimError(f"checkpoint {path!r} is empty; {_ACCEPTED}")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as err:  # safetensors raises its own error type for broken headers
+            raise VitrimError(f"checkpoint {path!r} is not a valid .safetensors file ({err})") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise VitrimError(f"checkpoint {path!r} holds objects other than weights and plain values (e.g. a "
-                          f"training run's last.pt with its RNG state), which vitrim does not unpickle here; "
-                          f"accepted: a state dict or a dict holding one (timm, vitrim's best.pt, "
-                          f"torch.save(model.state_dict())), or .safetensors") from err
+        if "Unsupported global" in str(err):
+            raise VitrimError(f"checkpoint {path!r} holds objects other than weights and plain values (Python objects "
+                              f"that vitrim does not unpickle: unpickling can run code); {_ACCEPTED}") from None
+        raise VitrimError(f"checkpoint {path!r} is not a PyTorch checkpoint (a torch.save file); {_ACCEPTED}") from None
+    except (RuntimeError, EOFError, KeyError, IndexError, ValueError, AttributeError):
+        raise VitrimError(f"checkpoint {path!r} is not a PyTorch checkpoint (a torch.save file) or is damaged; "
+                          f"{_ACCEPTED}") from None
 
 
-def state_dict_of(saved: Any) -> dict[str, torch.Tensor]:
+def state_dict_of(saved: Any, path: Optional[str] = None) -> dict[str, torch.Tensor]:
     """The model weights in what timm, vitrim or ``torch.save(model.state_dict())`` wrote, without a
     DDP ``module.`` prefix."""
     state = saved
@@ -71,6 +101,12 @@ def state_dict_of(saved: Any) -> dict[str, torch.Tensor]:
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
             break
+    name = f"checkpoint {path!r}" if path else "the checkpoint"
+    if not isinstance(state, dict) or not state:
+        raise VitrimError(f"{name} holds {'an empty dict' if isinstance(state, dict) else type(state).__name__}, "
+                          f"not a state dict; {_ACCEPTED}")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise VitrimError(f"{name} holds a dict that is not a state dict (name -> tensor); {_ACCEPTED}")
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
 
 
@@ -82,8 +118,8 @@ def load_checkpoint(model: nn.Module, checkpoint: str | Mapping[str, torch.Tenso
     :func:`state_dict_of` (to load one file into several models; then ``path`` names it in errors).
     ``ignore_prefix`` drops keys with that prefix first (e.g. ``"vitrim."`` to load a reduced
     model's backbone into the unreduced model)."""
-    if isinstance(checkpoint, str):
-        path, state = checkpoint, state_dict_of(read_checkpoint(checkpoint))
+    if isinstance(checkpoint, (str, os.PathLike)):
+        path, state = os.fspath(checkpoint), state_dict_of(read_checkpoint(checkpoint), os.fspath(checkpoint))
     else:
         state = dict(checkpoint)
     if ignore_prefix:

@@ -28,7 +28,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .adapters import attach, bind, get_adapter, is_reduced
+from .adapters import attach, bind, get_adapter, is_reduced, resolve_img_size
 from .errors import OptionError
 from .measure.bench import benchmark
 from .methods.base import get_method_class
@@ -57,7 +57,7 @@ def strength_option(method: str) -> str:
 
 
 def _img_size(model: nn.Module, img_size: Optional[int]) -> tuple[int, int]:
-    return (img_size, img_size) if img_size else tuple(get_adapter(model).default_img_size())
+    return resolve_img_size(model, img_size)
 
 
 def _gmacs(adapter, size: tuple[int, int], method) -> float:

@@ -12,12 +12,12 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import UnsupportedModelError
-from ..methods.base import ReductionMethod, get_method_class
+from ..errors import OptionError, UnsupportedModelError
+from ..methods.base import ReductionMethod, get_method_class, is_int
 from .base import Adapter, BoundBlock, is_reduced, register_adapter, registered_adapters
 
 __all__ = ["Adapter", "BoundBlock", "register_adapter", "registered_adapters", "get_adapter", "bind", "attach",
-           "is_reduced"]
+           "is_reduced", "resolve_img_size"]
 
 
 def get_adapter(model: nn.Module) -> Adapter:
@@ -25,6 +25,11 @@ def get_adapter(model: nn.Module) -> Adapter:
     naming what is supported."""
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    compiled = getattr(model, "_orig_mod", None)
+    if isinstance(compiled, nn.Module):
+        raise UnsupportedModelError(
+            f"this is a torch.compile'd {type(compiled).__name__}: vitrim works on the model itself; call "
+            f"vitrim.apply(model, ...) first and torch.compile(model) afterwards (a reduced model compiles as one graph)")
     for adapter in registered_adapters():
         if adapter.supports(model):
             return adapter(model, check=not is_reduced(model))
@@ -53,6 +58,18 @@ def attach(model: nn.Module, method: str, **options: Any) -> ReductionMethod:
     adapter, reducer = bind(model, method, **options)
     adapter.install(reducer)
     return reducer
+
+
+def resolve_img_size(model: nn.Module, img_size: Any = None) -> tuple[int, int]:
+    """``(H, W)`` from an int, a pair, or ``None`` (the model's default input size)."""
+    if img_size is None:
+        return tuple(get_adapter(model).default_img_size())
+    size = (img_size, img_size) if not isinstance(img_size, (tuple, list)) else tuple(img_size)
+    if len(size) != 2 or not all(is_int(v) and v >= 1 for v in size):
+        raise OptionError(f"img_size must be an int >= 1 or (height, width) of ints >= 1, got {img_size!r}")
+    size = (int(size[0]), int(size[1]))
+    get_adapter(model).num_patches(size)  # the family refuses sizes its model cannot run
+    return size
 
 
 # the family that most models belong to first (its description leads the unsupported-model message)

@@ -45,11 +45,12 @@ from ..measure.flops import CostPlan
 from ..methods.base import ModelInfo, ReductionMethod
 from ..state import ForwardState
 
-__all__ = ["Adapter", "BoundBlock", "register_adapter", "registered_adapters", "install_reduced_class",
-           "uninstall_reduced_class", "overrides", "runs_own_forward", "run_block", "is_reduced"]
+__all__ = ["Adapter", "BoundBlock", "register_adapter", "registered_adapters", "make_reduced_class",
+           "install_reduced_class", "uninstall_reduced_class", "overrides", "runs_own_forward", "run_block",
+           "is_reduced"]
 
 ImgSize = tuple[int, int]
-_REDUCED_CLASSES: dict[tuple[type, str], type] = {}
+_REDUCED_CLASSES: dict[tuple[type, str, str], type] = {}
 _ADAPTERS: list[type["Adapter"]] = []
 
 
@@ -110,16 +111,32 @@ def run_block(method: ReductionMethod, block: Any, index: int, x: torch.Tensor, 
     return method.block_forward(block, index, x, state)
 
 
-def install_reduced_class(model: nn.Module, method: nn.Module, family: str,
-                          entry_points: dict[str, Callable]) -> None:
-    """Attach ``method`` as ``model.vitrim`` and swap in ``Reduced<Class>`` with ``entry_points``."""
-    original = type(model)
-    key = (original, family)
-    if key not in _REDUCED_CLASSES:
-        _REDUCED_CLASSES[key] = type(f"Reduced{original.__name__}", (original,), {
-            **entry_points, "_vitrim_original_class": original, "__module__": original.__module__})
+def _reduce_reduced(self, protocol: int):
+    """Pickle (``torch.save``, ``copy.deepcopy``) a reduced model as its original class, the adapter that
+    generated its reduced class and its state; unpickling regenerates the class."""
+    family, variant = type(self)._vitrim_rebuild
+    return _rebuild_reduced, (type(self)._vitrim_original_class, family, variant), self.__getstate__()
+
+
+def _rebuild_reduced(original: type, family: str, variant: str) -> nn.Module:
+    for adapter in _ADAPTERS:
+        if adapter.family == family:
+            cls = adapter.reduced_class(original, variant)
+            return cls.__new__(cls)
+    raise TypeError(f"no vitrim adapter for family {family!r} is registered; import the module that defines it "
+                    f"before loading this model")
+
+
+def make_reduced_class(original: type, name: str, attrs: dict[str, Any], rebuild: tuple[str, str]) -> type:
+    """The generated subclass of ``original`` with ``attrs``; it can be pickled (by rebuilding it)."""
+    return type(name, (original,), {**attrs, "_vitrim_original_class": original, "_vitrim_rebuild": rebuild,
+                                    "__reduce_ex__": _reduce_reduced, "__module__": original.__module__})
+
+
+def install_reduced_class(model: nn.Module, method: nn.Module, cls: type) -> None:
+    """Attach ``method`` as ``model.vitrim`` and swap in the reduced class ``cls``."""
     model.vitrim = method
-    model.__class__ = _REDUCED_CLASSES[key]
+    model.__class__ = cls
 
 
 def uninstall_reduced_class(model: nn.Module) -> None:
@@ -136,6 +153,8 @@ class Adapter(ABC):
     label: ClassVar[str] = ""
     #: what models the adapter accepts, for the unsupported-model message
     accepts: ClassVar[str] = ""
+    #: the reduced forward: name -> function, set on the model's generated subclass by :meth:`install`
+    entry_points: ClassVar[dict[str, Callable]] = {}
 
     def __init__(self, model: nn.Module, check: bool = True) -> None:
         if check:
@@ -182,9 +201,19 @@ class Adapter(ABC):
         ``None``: unreduced), in the papers' convention (``vitrim.measure.flops``)."""
 
     # ------------------------------------------------------------------ install
-    @abstractmethod
+    @classmethod
+    def reduced_class(cls, original: type, variant: str = "") -> type:
+        """The generated subclass of ``original`` whose entry points are :attr:`entry_points` (cached,
+        picklable). ``variant`` distinguishes several generated classes of one family."""
+        key = (original, cls.family, variant)
+        if key not in _REDUCED_CLASSES:
+            _REDUCED_CLASSES[key] = make_reduced_class(original, f"Reduced{original.__name__}", cls.entry_points,
+                                                       (cls.family, variant))
+        return _REDUCED_CLASSES[key]
+
     def install(self, method: ReductionMethod) -> None:
         """Attach ``method`` as ``model.vitrim`` and switch the model to the reduced forward."""
+        install_reduced_class(self.model, method, self.reduced_class(type(self.model)))
 
     @staticmethod
     def uninstall(model: nn.Module) -> None:

@@ -40,7 +40,7 @@ from ..errors import UnsupportedModelError, VitrimError
 from ..measure.flops import CostPlan, linear_macs, price_blocks
 from ..methods.base import ModelInfo, ReductionMethod
 from ..state import ForwardState
-from .base import Adapter, register_adapter, run_block
+from .base import Adapter, make_reduced_class, register_adapter, run_block
 
 __all__ = ["HFAdapter", "HFBlock", "HFAttention", "hf_blocks", "SUPPORTED_CLASSES"]
 
@@ -55,7 +55,7 @@ SUPPORTED_CLASSES = {
 }
 _LAYER_CLASSES = ("ViTLayer", "DeiTLayer", "CLIPEncoderLayer")
 _IDENTITY = nn.Identity()
-_REDUCED_CLASSES: dict[type, type] = {}
+_REDUCED_CLASSES: dict[tuple[type, str], type] = {}
 
 
 def _transformers_class(name: str) -> Optional[type]:
@@ -352,10 +352,26 @@ class HFAdapter(Adapter):
         if trunk is not model:
             trunk.__dict__["vitrim"] = method  # a plain reference: no second copy in the state dict
             trunk.__dict__["_vitrim_owned"] = True
-            trunk.__class__ = _reduced_class(type(trunk), trunk=True, outer=False)
-            model.__class__ = _reduced_class(type(model), trunk=False, outer=True)
+            trunk.__class__ = self.reduced_class(type(trunk), "trunk")
+            model.__class__ = self.reduced_class(type(model), "outer")
         else:
-            model.__class__ = _reduced_class(type(model), trunk=True, outer=True)
+            model.__class__ = self.reduced_class(type(model), "trunk+outer")
+
+    @classmethod
+    def reduced_class(cls, original: type, variant: str = "trunk+outer") -> type:
+        """The generated subclass of ``original`` (cached, picklable); it keeps the original's name, so
+        ``save_pretrained`` writes the original architecture. ``variant``: ``"trunk"`` (the reduced trunk
+        forward), ``"outer"`` (vitrim's entry points on the model the user holds) or both."""
+        key = (original, variant)
+        if key not in _REDUCED_CLASSES:
+            attrs: dict[str, Any] = {"__qualname__": original.__qualname__, "__doc__": original.__doc__}
+            if "trunk" in variant:
+                attrs.update(forward=_trunk_forward, _vitrim_trunk_tokens=_trunk_tokens)
+            if "outer" in variant:
+                attrs.update(forward_tokens=_forward_tokens, forward_with_state=_forward_with_state,
+                             forward_head_with_state=_forward_head_with_state)
+            _REDUCED_CLASSES[key] = make_reduced_class(original, original.__name__, attrs, (cls.family, variant))
+        return _REDUCED_CLASSES[key]
 
     @staticmethod
     def uninstall(model: nn.Module) -> None:
@@ -368,21 +384,6 @@ class HFAdapter(Adapter):
             for key in ("vitrim", "_vitrim_blocks", "_vitrim_owned"):
                 m.__dict__.pop(key, None)
         del model.vitrim
-
-
-def _reduced_class(original: type, trunk: bool, outer: bool) -> type:
-    """The generated subclass of ``original`` (cached); it keeps the original's name."""
-    key = (original, trunk, outer)
-    if key not in _REDUCED_CLASSES:
-        attrs: dict[str, Any] = {"_vitrim_original_class": original, "__module__": original.__module__,
-                                 "__qualname__": original.__qualname__, "__doc__": original.__doc__}
-        if trunk:
-            attrs.update(forward=_trunk_forward, _vitrim_trunk_tokens=_trunk_tokens)
-        if outer:
-            attrs.update(forward_tokens=_forward_tokens, forward_with_state=_forward_with_state,
-                         forward_head_with_state=_forward_head_with_state)
-        _REDUCED_CLASSES[key] = type(original.__name__, (original,), attrs)
-    return _REDUCED_CLASSES[key]
 
 
 # ---------------------------------------------------------------------- reduced forward (trunk)

@@ -31,7 +31,7 @@ from ..errors import UnsupportedModelError
 from ..measure.flops import CostPlan, LayerFlops, conv_macs
 from ..methods.base import ModelInfo, ReductionMethod
 from ..state import ForwardState
-from .base import (Adapter, BoundBlock, install_reduced_class, overrides, register_adapter, run_block,
+from .base import (Adapter, BoundBlock, overrides, register_adapter, run_block,
                    runs_own_forward)
 
 try:  # timm >= 1.0
@@ -177,17 +177,6 @@ class PvtV2Adapter(Adapter):
         macs += conv_macs(mlp.dwconv, n)                                # depthwise 3x3 on the full map
         return m_rows, macs
 
-    # ------------------------------------------------------------------ install
-    def install(self, method: ReductionMethod) -> None:
-        install_reduced_class(self.model, method, self.family, {
-            "forward_tokens": _forward_tokens,
-            "forward_features": _forward_features,
-            "forward": _forward,
-            "forward_with_state": _forward_with_state,
-            "forward_head_with_state": _forward_head_with_state,
-            "forward_intermediates": _forward_intermediates,
-        })
-
 
 # ---------------------------------------------------------------------- reduced forward
 def _run_stages(self, x: torch.Tensor, take: Optional[set[int]] = None):
@@ -254,3 +243,13 @@ def _forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = Fal
     take, _ = feature_take_indices(len(self.stages), indices)
     x, _, maps = _run_stages(self, x, set(take))
     return maps if intermediates_only else (x, maps)
+
+
+PvtV2Adapter.entry_points = {  # the reduced forward: install() swaps these in
+    "forward_tokens": _forward_tokens,
+    "forward_features": _forward_features,
+    "forward": _forward,
+    "forward_with_state": _forward_with_state,
+    "forward_head_with_state": _forward_head_with_state,
+    "forward_intermediates": _forward_intermediates,
+}

@@ -9,24 +9,26 @@ original class, so the state dict and behaviour are exactly the original ones.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ..errors import OptionError, UnsupportedModelError, VitrimError
 from ..measure.flops import CostPlan, linear_macs, price_blocks
 from ..methods.base import ModelInfo, ReductionMethod
 from ..state import ForwardState
-from .base import Adapter, install_reduced_class, overrides, register_adapter, run_block, runs_own_forward
+from .base import Adapter, overrides, register_adapter, run_block, runs_own_forward
 
 try:  # timm >= 1.0
     from timm.layers import Attention as TimmAttention
+    from timm.layers import PatchEmbed as TimmPatchEmbed
     from timm.models.vision_transformer import Block as TimmBlock
     from timm.models.vision_transformer import VisionTransformer
 except ImportError:  # pragma: no cover - guarded by the dependency pin
-    TimmAttention = TimmBlock = VisionTransformer = None
+    TimmAttention = TimmBlock = TimmPatchEmbed = VisionTransformer = None
 
 __all__ = ["TimmViTAdapter"]
 
@@ -55,6 +57,18 @@ class TimmViTAdapter(Adapter):
                     f"whose feature forward is timm's own (deit_*, deit_*_distilled, vit_*), so it cannot "
                     f"keep {name}'s behaviour. Accepted: timm VisionTransformer and subclasses that only "
                     f"override _pos_embed/forward_head (e.g. VisionTransformerDistilled).")
+        pe = model.patch_embed
+        if not runs_own_forward(pe, TimmPatchEmbed) or not isinstance(pe.proj, nn.Conv2d) \
+                or tuple(pe.proj.kernel_size) != tuple(pe.patch_size) or tuple(pe.proj.stride) != tuple(pe.patch_size):
+            raise UnsupportedModelError(
+                f"{name}.patch_embed is a {type(pe).__name__}"
+                + (" (a CNN stem: its token count is not the patch grid's)" if "Hybrid" in type(pe).__name__ else "")
+                + "; vitrim counts tokens, grids and FLOPs from timm's PatchEmbed (one convolution with kernel = "
+                  "stride = patch size). Accepted: timm ViTs with a PatchEmbed; hybrid ViTs (vit_*_r*_*, "
+                  "HybridEmbed) are not supported")
+        if pe.num_patches != pe.grid_size[0] * pe.grid_size[1]:
+            raise UnsupportedModelError(f"{name}.patch_embed reports {pe.num_patches} patches for a "
+                                        f"{pe.grid_size[0]}x{pe.grid_size[1]} grid; vitrim cannot count its tokens")
         for i, block in enumerate(model.blocks):
             if not runs_own_forward(block, TimmBlock):
                 raise UnsupportedModelError(
@@ -93,12 +107,15 @@ class TimmViTAdapter(Adapter):
         h, w = img_size
         if not (getattr(self.model, "dynamic_img_size", False) or not getattr(pe, "strict_img_size", True)):
             if (h, w) != tuple(pe.img_size):
-                raise ValueError(f"img_size {h}x{w} does not match this model's fixed input size "
+                raise OptionError(f"img_size {h}x{w} does not match this model's fixed input size "
                                  f"{pe.img_size[0]}x{pe.img_size[1]}; create the model with dynamic_img_size=True "
                                  f"to run other sizes")
         ph, pw = pe.patch_size
         if getattr(pe, "dynamic_img_pad", False):
             return math.ceil(h / ph) * math.ceil(w / pw)
+        if h % ph or w % pw:
+            raise OptionError(f"img_size {h}x{w} is not a multiple of the patch size {ph}x{pw}, which this model "
+                             f"refuses; accepted: multiples of {ph}x{pw} (or a model with dynamic_img_pad=True)")
         return (h // ph) * (w // pw)
 
     def grid_size(self, img_size: Optional[tuple[int, int]] = None) -> tuple[int, int]:
@@ -119,16 +136,6 @@ class TimmViTAdapter(Adapter):
         head = sum(linear_macs(h) for h in heads if isinstance(h, nn.Module))  # a pool: its linears on one row
         return price_blocks(m.blocks, method, num_patches + m.num_prefix_tokens, per_patch * num_patches, head)
 
-    # ------------------------------------------------------------------ install
-    def install(self, method: ReductionMethod) -> None:
-        install_reduced_class(self.model, method, self.family, {
-            "forward_tokens": _forward_tokens,
-            "forward_features": _forward_features,
-            "forward": _forward,
-            "forward_with_state": _forward_with_state,
-            "forward_head_with_state": _forward_head_with_state,
-        })
-
 
 # ---------------------------------------------------------------------- reduced forward
 def _forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, ForwardState]:
@@ -147,8 +154,21 @@ def _forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, ForwardState]:
     return x, state
 
 
-def _forward_features(self, x: torch.Tensor) -> torch.Tensor:
-    return self.forward_tokens(x)[0]
+def _refuse_masks(attn_mask: Optional[torch.Tensor], is_causal: bool) -> None:
+    if attn_mask is not None or is_causal:
+        raise VitrimError("attn_mask / is_causal are not supported on a vitrim-reduced model: the tokens a mask "
+                          "refers to are merged or removed; vitrim.remove(model) restores the original behaviour")
+
+
+def _forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                      is_causal: bool = False) -> torch.Tensor:
+    """The final normed tokens ``[B, T, C]`` as the method leaves them. The pooling weights of this
+    forward (token sizes) travel with the returned tensor, so ``forward_head(forward_features(x))``
+    equals ``forward(x)``."""
+    _refuse_masks(attn_mask, is_causal)
+    x, state = self.forward_tokens(x)
+    x._vitrim_pool_weights = (self.vitrim.pool_weights(state),)
+    return x
 
 
 def _pool_weighted(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -165,16 +185,91 @@ def _pool_weighted(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor
     return x.amax(dim=1)  # max: unweighted, a merged token's max is its mean's max
 
 
-def _forward_head_with_state(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
-    """The model's head on reduced tokens: its own ``forward_head`` for token pooling, average
-    terms weighted by the method's pooling weights (token sizes) otherwise."""
-    weights = self.vitrim.pool_weights(state)
+def _head(self, x: torch.Tensor, weights: Optional[torch.Tensor], pre_logits: bool = False) -> torch.Tensor:
+    """The model's head on reduced tokens: its own for token pooling or uniform weights, average terms
+    weighted by ``weights`` ``[B, T, 1]`` otherwise."""
     if weights is None or self.global_pool in ("token", ""):
-        return self.forward_head(x)
+        return type(self)._vitrim_original_class.forward_head(self, x, pre_logits)  # the model's own (distilled too)
     x = _pool_weighted(self, x, weights)
     x = self.fc_norm(x)
     x = self.head_drop(x)
-    return self.head(x)
+    return x if pre_logits else self.head(x)
+
+
+def _forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+    """timm's ``forward_head`` on what ``forward_features`` returned (its pooling weights included)."""
+    carried = getattr(x, "_vitrim_pool_weights", None)
+    if carried is not None:
+        return _head(self, x, carried[0], pre_logits)
+    if self.vitrim.pools_with_weights and self.global_pool in ("avg", "avgmax"):
+        raise VitrimError(
+            f"forward_head got tokens that do not come from forward_features: with {self.vitrim.name!r} the average "
+            f"pooling is weighted by what each token stands for, which only forward_features' output carries. "
+            f"Pass forward_features' output unchanged, or use model(x), or "
+            f"model.forward_head_with_state(*vitrim.forward_tokens(model, x))")
+    return _head(self, x, None, pre_logits)
+
+
+def _forward_head_with_state(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
+    """The model's head on reduced tokens, average terms weighted by the method's pooling weights."""
+    return _head(self, x, self.vitrim.pool_weights(state))
+
+
+def _forward_intermediates(self, x: torch.Tensor, indices=None, return_prefix_tokens: bool = False,
+                           norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                           intermediates_only: bool = False, output_dict: bool = False,
+                           attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+    """timm's ``forward_intermediates`` on the reduced forward (``get_intermediate_layers`` follows it).
+
+    A reduced intermediate is what the method leaves after that block: with ``output_fmt="NLC"`` the
+    patch tokens as they are (``[B, T_i - P, C]``, fewer after merging or pruning); with ``"NCHW"`` a
+    dense map ``[B, C, h, w]`` in which every patch takes the feature of the token that carries it at
+    that depth (``ReductionMethod.patch_owners``, as ``vitrim.forward_dense``). Prefix tokens, ``norm``,
+    ``stop_early``, ``intermediates_only`` and ``output_dict`` behave as in timm.
+    """
+    from timm.models._features import feature_take_indices
+
+    _refuse_masks(attn_mask, is_causal)
+    if output_fmt not in ("NCHW", "NLC"):
+        raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+    dense = output_fmt == "NCHW"
+    method: ReductionMethod = self.vitrim
+    take, max_index = feature_take_indices(len(self.blocks), indices)
+    B, _, height, width = x.shape
+    grid = tuple(self.patch_embed.dynamic_feat_size((height, width)))
+    blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
+    intermediates, prefixes = [], []
+    with method.provenance() if dense else contextlib.nullcontext():
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        state = method.new_state(x)
+        use_ckpt = self.grad_checkpointing and self.training and not torch.jit.is_scripting()
+        for i, block in enumerate(blocks):
+            x, state = run_block(method, block, i, x, state, use_ckpt)
+            if i not in take:
+                continue
+            y = self.norm(x) if norm else x
+            p = state.num_prefix_tokens
+            prefixes.append(y[:, :p])
+            if dense:
+                owner = method.patch_owners(state, y.shape[1], grid).to(y.device).expand(B, -1)
+                y = y.gather(1, owner.unsqueeze(-1).expand(-1, -1, y.shape[-1]))
+                intermediates.append(y.reshape(B, *grid, -1).permute(0, 3, 1, 2).contiguous())
+            else:
+                intermediates.append(y[:, p:])
+        method.finish(state)
+    prefixes = prefixes if self.num_prefix_tokens else None
+    if output_dict:
+        out = {"image_intermediates": intermediates}
+        if prefixes is not None and return_prefix_tokens:
+            out["image_intermediates_prefix"] = prefixes
+        if not intermediates_only:
+            out["image_features"] = self.norm(x)
+        return out
+    if return_prefix_tokens and prefixes is not None:
+        intermediates = list(zip(intermediates, prefixes))
+    if intermediates_only:
+        return intermediates
+    return self.norm(x), intermediates
 
 
 def _forward_with_state(self, x: torch.Tensor):
@@ -185,3 +280,14 @@ def _forward_with_state(self, x: torch.Tensor):
 
 def _forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.forward_with_state(x)[0]
+
+
+TimmViTAdapter.entry_points = {  # the reduced forward: install() swaps these in
+    "forward_tokens": _forward_tokens,
+    "forward_features": _forward_features,
+    "forward_head": _forward_head,
+    "forward_intermediates": _forward_intermediates,
+    "forward": _forward,
+    "forward_with_state": _forward_with_state,
+    "forward_head_with_state": _forward_head_with_state,
+}

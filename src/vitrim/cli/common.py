@@ -12,6 +12,7 @@ from torch import nn
 
 from .. import api
 from ..adapters import get_adapter
+from ..checks import resolve_device
 from ..errors import VitrimError
 from ..methods.base import get_method_class, method_names, parse_option_value
 
@@ -57,9 +58,9 @@ def add_model_args(p: argparse.ArgumentParser, default_model: Optional[str] = DE
                        help=f"used by {', '.join(users)}")
 
 
-def method_options(args: argparse.Namespace, model: Optional[nn.Module] = None) -> dict[str, Any]:
-    """The method options given on the command line; with ``model``, the method's default strength for
-    that model (``ReductionMethod.default_options``) fills in when no strength option is given."""
+def method_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The method options given on the command line (the others take the method's own defaults, the
+    same as in the Python API)."""
     given = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
     if is_no_method(args.method):
         if given:
@@ -73,21 +74,22 @@ def method_options(args: argparse.Namespace, model: Optional[nn.Module] = None) 
                           f"method {cls.name!r}; accepted: {', '.join('--' + a.replace('_', '-') for a in accepted)}")
     if getattr(args, "target_gmacs", None) is not None:
         return {**given, "target_gmacs": args.target_gmacs}
-    defaults = cls.default_options(get_adapter(model).info()) if model is not None else {}
-    return {**defaults, **given}
+    return given
 
 
-def build_models(args: argparse.Namespace, defaults: bool = True):
+def build_models(args: argparse.Namespace):
     """``(unreduced, reduced or None, options)`` from the model and method arguments; a checkpoint is
     loaded after ``apply``, so a reduced model's checkpoint (with ``vitrim.*`` weights) loads too."""
     from ..models import create_model, load_checkpoint, read_checkpoint, state_dict_of
 
     base = create_model(args.model, pretrained=args.pretrained, img_size=args.img_size)
     base.eval()
-    options = method_options(args, base if defaults else None)
-    reduced = None
+    reduced, options = None, {}
     if not is_no_method(args.method):
-        reduced = api.apply(copy.deepcopy(base), args.method, **options)
+        given = method_options(args)
+        reduced = api.apply(copy.deepcopy(base), args.method, **given)
+        method = api.get_method(reduced)  # the options as applied: given, solved or the method's defaults
+        options = {k: v for k, v in method.options().items() if k in given or k == method.strength}
     if args.checkpoint:
         state = state_dict_of(read_checkpoint(args.checkpoint))
         if reduced is not None:
@@ -105,8 +107,8 @@ def label(method: str, options: dict) -> str:
 
 
 def device_of(name: Optional[str]) -> torch.device:
-    """The device to run on: ``name``, else CUDA when available, else the CPU."""
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """The device to run on: ``name`` (checked to exist here), else CUDA when available, else the CPU."""
+    return resolve_device(name)
 
 
 def input_hw(model: nn.Module, img_size: Optional[int]) -> tuple[int, int]:

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from ..compare import compare, markdown_table, parse_sweep, untrained_methods
+from ..compare import compare, parse_sweep, terminal_table, untrained_methods
 from ..methods.base import registered_methods
 
 __all__ = ["add_compare_parser", "cmd_compare"]
@@ -54,11 +53,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
                      img_size=args.img_size, device=args.device, warmup=args.warmup, repeats=args.repeats,
                      iters=args.iters, eval_batch_size=args.eval_batch_size, max_images=args.max_images,
                      workers=args.workers, output=args.output,
-                     progress=not args.no_progress and sys.stderr.isatty())
-    print(markdown_table(result))
+                     progress=not args.no_progress)
+    print(terminal_table(result))
     untrained = untrained_methods(result)
     if untrained:
-        print(f"note: {', '.join(untrained)} off the shelf have untrained predictors; their top-1 needs fine-tuning")
+        print(f"* {', '.join(untrained)}: untrained score predictors, top-1 needs fine-tuning (vitrim train)")
     for kind, path in result.paths.items():
         print(f"wrote {path}")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..checks import positive_int, writable_file
 from ..export import DEFAULT_OPSET, check_onnx, export_onnx, verify_onnx
 from .common import add_model_args, build_models, input_hw
 
@@ -27,6 +28,8 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
 def cmd_export(args: argparse.Namespace) -> int:
     """``vitrim export``: build the model as ``vitrim flops`` does, export it, report the graph."""
+    writable_file(args.output, "ONNX file", (".onnx",))  # before the model is built
+    positive_int(args.batch_size, "--batch-size")
     base, reduced, options = build_models(args)
     model = reduced if reduced is not None else base
     h, w = input_hw(model, args.img_size)

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
 import torch
 
 from ..api import flops, flops_report, traced_flops
+from ..checks import non_negative_int, positive_int
 from ..measure.bench import benchmark
+from ..progress import Progress
 from .common import add_model_args, build_models, device_of, input_hw, label
 
 __all__ = ["add_measure_parsers", "cmd_bench", "cmd_flops"]
@@ -40,10 +41,12 @@ def add_measure_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
+    device = device_of(args.device)  # every input checked before a model is built
+    for flag, values in (("--batch-size", args.batch_size), ("--repeats", [args.repeats]), ("--iters", [args.iters])):
+        for v in values:
+            positive_int(v, flag)
+    non_negative_int(args.warmup, "--warmup")
     base, reduced, options = build_models(args)
-    device = device_of(args.device)
     models = {args.model: base.to(device)}
     gm = {args.model: flops(base, args.img_size)}
     if reduced is not None:
@@ -55,10 +58,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     h, w = input_hw(base, args.img_size)
     results = []
     total = len(args.batch_size) * len(args.precision) * args.repeats
-    with tqdm(total=total, desc="bench", disable=args.json or not sys.stderr.isatty(), file=sys.stderr) as bar:
+    with Progress(total=total, desc="bench", enabled=not args.json, every=10.0) as bar:
         for precision in args.precision:
             for bs in args.batch_size:
-                bar.set_postfix(batch=bs, precision=precision)
+                bar.set_postfix_str(f"batch {bs}, {precision}")
                 res = benchmark(models, batch_size=bs, input_size=(3, h, w), device=device, precision=precision,
                                 warmup=args.warmup, repeats=args.repeats, iters=args.iters, compiled=args.compile,
                                 gmacs=gm, progress=lambda _: bar.update(1))

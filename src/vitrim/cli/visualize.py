@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .. import api
 from ..errors import VitrimError
-from ..models import create_model
+from ..models import create_model, load_checkpoint, read_checkpoint, state_dict_of
+from ..checks import writable_file
 from ..visual import visualize
+from ..visual.pictures import PICTURE_FORMATS
 from ..zoo import EMBEDDED_MODEL
 from .common import DEFAULT_METHOD, add_model_args, is_no_method, method_options
 
@@ -41,11 +44,19 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     name = args.model or EMBEDDED_MODEL
     if is_no_method(args.method):
         raise VitrimError(f"visualize needs a method; accepted: {', '.join(api.methods())}")
+    writable_file(args.output, "picture", PICTURE_FORMATS)  # before the model is built
     pretrained = args.pretrained or (name == EMBEDDED_MODEL and not args.checkpoint)
-    model = create_model(name, pretrained=pretrained, checkpoint=args.checkpoint, img_size=args.img_size).eval()
-    api.apply(model, args.method, **method_options(args, model))
-    path = visualize(model, args.output, args.image, args.show_layers, model_name=name)
+    state = state_dict_of(read_checkpoint(args.checkpoint), args.checkpoint) if args.checkpoint else None
+    model = create_model(name, pretrained=pretrained, img_size=args.img_size).eval()
+    api.apply(model, args.method, **method_options(args))
     method = api.get_method(model)
+    if state is not None:  # after apply: a fine-tuned reduced model's checkpoint carries the method's weights
+        load_checkpoint(model, state, path=args.checkpoint)
+    elif any(True for _ in method.parameters()):
+        print(f"note: {method.name} has learned parts (score predictors) and no --checkpoint was given: they are "
+              f"untrained, so the picture shows random decisions; pass the best.pt of a `vitrim train` run",
+              file=sys.stderr)
+    path = visualize(model, args.output, args.image, args.show_layers, model_name=name)
     print(f"wrote {path}: {name} + {method.name} {method.extra_repr()}")
     return 0
 

@@ -13,7 +13,7 @@ class Row:
 
     method: str                       # "none" for the unreduced model
     options: dict
-    weights: str                      # "off-the-shelf" or the checkpoint path
+    weights: str                      # "off-the-shelf", "shipped fine-tune", "untrained" or the checkpoint path
     gmacs: float
     params_m: float
     top1: Optional[float] = None
@@ -21,6 +21,7 @@ class Row:
     img_per_s: dict = field(default_factory=dict)   # batch size -> median img/s
     speedup: dict = field(default_factory=dict)     # batch size -> ratio to the unreduced model
     latency_ms: Optional[float] = None              # batch 1, median ms per image
+    untrained: bool = False                         # learned parts (predictors) left randomly initialised
 
     @property
     def setting(self) -> str:
@@ -35,6 +36,7 @@ class Row:
 class CompareResult:
     rows: list[Row]
     batch_sizes: list[int]
-    paths: dict                       # "csv", "md", "plot_gmacs", "plot_throughput" -> path
+    paths: dict                       # "csv", "md", "html", "plot_*" -> path
     env: dict
     images: int = 0
+    pictures: dict = field(default_factory=dict)   # method -> (setting, PNG path): what it did to one image

@@ -10,8 +10,9 @@ Every number in the outputs is measured in this run; no published number is ever
 from __future__ import annotations
 
 import copy
+import datetime
 import os
-import sys
+import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -23,10 +24,13 @@ from ..api import flops
 from ..errors import VitrimError
 from ..measure.bench import benchmark
 from ..methods.base import ModelInfo, get_method_class, parse_option_value, registered_methods
-from ..models import create_model, load_checkpoint
-from ..train.data import build_eval_loader, ensure_digits, eval_transform, image_dataset, resolve_split
+from ..checks import non_negative_int, positive_int, resolve_device, writable_dir
+from ..models import create_model, load_checkpoint, read_checkpoint, state_dict_of
+from ..progress import Progress
+from ..train.data import build_eval_loader, check_classes, ensure_digits, eval_transform, image_dataset, resolve_split
 from ..train.evaluate import evaluate
-from ..zoo import EMBEDDED_MODEL
+from ..version import __version__
+from ..zoo import EMBEDDED_MODEL, shipped_method_weights
 from .report import write_report
 from .result import CompareResult, Row
 
@@ -76,6 +80,34 @@ def parse_checkpoints(items: Optional[Sequence[str]]) -> tuple[Optional[str], di
         if path is not None and not os.path.isfile(path):
             raise VitrimError(f"checkpoint {path!r} does not exist or is not a file")
     return base, rows
+
+
+def _middle(configs: list[tuple[str, dict, Optional[str]]], method: str) -> Optional[dict]:
+    """The middle strength of ``method``'s swept rows (its picture goes into the report)."""
+    sweep = [opts for m, opts, ckpt in configs if m == method and ckpt is None]
+    return sweep[len(sweep) // 2] if sweep else None
+
+
+def _picture(model: nn.Module, output: str, method: str, model_name: str) -> str:
+    """What the method did to the default image of the model, drawn into ``output/pictures/``."""
+    from ..visual import visualize
+
+    folder = os.path.join(output, "pictures")
+    os.makedirs(folder, exist_ok=True)
+    return visualize(model, os.path.join(folder, f"{method}.png"), model_name=model_name)
+
+
+def _method_list(methods: Any) -> list[str]:
+    """The methods to compare: ``None`` (every registered one), a name, a comma-separated string, or a list."""
+    if methods is None:
+        return [cls.name for cls in registered_methods()]
+    if isinstance(methods, str):
+        methods = [m.strip() for m in methods.split(",") if m.strip()]
+    if not isinstance(methods, (list, tuple)) or not all(isinstance(m, str) for m in methods):
+        raise VitrimError(f"methods must be a list of method names, got {methods!r}")
+    for m in methods:
+        get_method_class(m)  # unknown names fail here, naming the accepted ones
+    return list(methods)
 
 
 def _configs(methods: Sequence[str], sweeps: dict[str, list[dict]], ckpts: dict,
@@ -136,41 +168,67 @@ def compare(model: Optional[str] = None, methods: Optional[Sequence[str]] = None
         output: folder for ``results.csv``, ``results.md``, ``acc_vs_gmacs.png``,
             ``acc_vs_throughput.png`` (``None``: write nothing).
     """
-    from tqdm import tqdm
-
-    if methods is None:
-        methods = [cls.name for cls in registered_methods()]
+    # every input is checked before a model is built or an image read
+    methods = _method_list(methods)
+    sizes = sorted({1, *(positive_int(b, "each batch size") for b in batch_sizes)})
+    non_negative_int(warmup, "warmup")
+    positive_int(repeats, "repeats")
+    positive_int(iters, "iters")
+    positive_int(eval_batch_size, "eval_batch_size")
+    non_negative_int(workers, "workers")
+    if max_images is not None:
+        positive_int(max_images, "max_images")
+    dev = resolve_device(device)
+    if output is not None:
+        writable_dir(output, "compare output folder")
+    unknown = sorted(set(sweeps or {}) - set(methods))
+    if unknown:
+        raise VitrimError(f"sweep(s) given for {', '.join(unknown)}, which are not among the compared methods "
+                          f"({', '.join(methods) or 'none'}); add them to methods")
     name = model or EMBEDDED_MODEL
     base_ckpt, row_ckpts = parse_checkpoints(checkpoints)
+    row_states = {path: state_dict_of(read_checkpoint(path), path) for path in row_ckpts.values()}
     embedded = name == EMBEDDED_MODEL
     base = create_model(name, pretrained=pretrained or (embedded and base_ckpt is None), checkpoint=base_ckpt,
                         img_size=img_size).eval()
     info = get_adapter(base).info()
     if data is None and embedded:
         data = str(ensure_digits())
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    sizes = sorted({1, *(int(b) for b in batch_sizes)})
-    if sizes[0] < 1:
-        raise VitrimError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
-    configs = _configs(list(methods), sweeps or {}, row_ckpts, info)
+    configs = _configs(methods, sweeps or {}, row_ckpts, info)
     batches, n_images = (None, 0)
     if data is not None:
-        batches, n_images = _eval_batches(resolve_split(data, "val"), base, eval_batch_size, max_images, workers)
+        folder = resolve_split(data, "val")
+        check_classes(folder, base)
+        batches, n_images = _eval_batches(folder, base, eval_batch_size, max_images, workers)
     models: dict[str, nn.Module] = {}
     rows: list[Row] = []
+    pictures: dict[str, tuple[str, str]] = {}
+    started = time.perf_counter()
     torch.manual_seed(seed)  # learned methods' untrained parts (predictors) are initialised alike every run
-    bar = tqdm(total=len(configs) + 1 + len(sizes), desc="compare", disable=not progress, file=sys.stderr)
+    bar = Progress(total=len(configs) + 1 + len(sizes), desc="compare", enabled=progress, every=0.0)
     for method, opts, ckpt in [("none", {}, None), *configs]:
-        bar.set_postfix_str(f"{method} {opts}")
+        bar.set_postfix_str(f"{method} {opts}" if opts else method)
         m = base
         if method != "none":
             m = copy.deepcopy(base)
             attach(m, method, **opts)
+        weights, untrained = ckpt or "off-the-shelf", False
         if ckpt is not None:
-            load_checkpoint(m, ckpt)
+            load_checkpoint(m, row_states[ckpt], path=ckpt)
+        elif method != "none" and any(True for _ in m.vitrim.parameters()):
+            shipped = shipped_method_weights(name, method, opts)
+            if shipped is not None and base_ckpt is None:
+                prefix = "vitrim."
+                state = state_dict_of(read_checkpoint(str(shipped)), str(shipped))
+                m.vitrim.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+                weights = "shipped fine-tune"
+            else:
+                weights, untrained = "untrained", True
         m.to(dev).eval()
-        row = Row(method, opts, ckpt or "off-the-shelf", flops(m, img_size),
-                  sum(p.numel() for p in m.parameters()) / 1e6)
+        row = Row(method, opts, weights, flops(m, img_size), sum(p.numel() for p in m.parameters()) / 1e6,
+                  untrained=untrained)
+        if output is not None and method != "none" and opts == _middle(configs, method):
+            pictures[method] = (row.setting, _picture(m, output, method, name))
         if batches is not None:
             res = evaluate(m, batches, dev)
             row.top1, row.top5 = res.top1, res.top5
@@ -191,8 +249,10 @@ def compare(model: Optional[str] = None, methods: Optional[Sequence[str]] = None
                 row.latency_ms = t.ms_per_batch
         bar.update(1)
     bar.close()
-    env = {**env, "device": str(dev), "model": name, "data": str(data) if data else None}
-    result = CompareResult(rows, sizes, {}, env, n_images)
+    env = {**env, "device": str(dev), "model": name, "data": str(data) if data else None, "vitrim": __version__,
+           "warmup": warmup, "repeats": repeats, "iters": iters, "seconds": round(time.perf_counter() - started, 1),
+           "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    result = CompareResult(rows, sizes, {}, env, n_images, pictures)
     if output is not None:
         result.paths = write_report(result, output, plots=plots)
     return result

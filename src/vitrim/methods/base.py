@@ -9,7 +9,8 @@ vitrim needs from a method is asked of its class or instance, never looked up by
 * **accounting**: :meth:`ReductionMethod.plan_block` gives the rows one block computes (FLOPs,
   budgets); :meth:`ReductionMethod.extra_macs` what the method adds outside the blocks;
 * **strength**: :attr:`ReductionMethod.strength` names the option budgets and sweeps set;
-  :meth:`strength_grid` / :meth:`default_sweep` / :meth:`default_options` its values;
+  :meth:`strength_grid` / :meth:`default_sweep` its values (an option's default is the method's
+  own, the same in the API, the CLI and every tool: ToMe's ``r`` defaults to the middle of its sweep);
 * **training**: :attr:`loss_weights` (the weights its paper gives its terms), :meth:`loss_terms`,
   :meth:`begin_training` and :meth:`training_step` (e.g. EViT's keep-rate warm-up);
 * **provenance**: :meth:`provenance` (what to keep for one forward), :meth:`patch_owners` (dense
@@ -25,6 +26,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import inspect
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional, Sequence
 
@@ -45,13 +47,13 @@ KEEP_RATE_GRID = tuple(round(0.01 * i, 2) for i in range(100, 0, -1))
 
 
 def is_int(v: Any) -> bool:
-    """An ``int`` option value (``bool`` is not one)."""
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An integer option value (Python or NumPy; ``bool`` is not one)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
 
 
 def is_real(v: Any) -> bool:
-    """An ``int`` or ``float`` option value (``bool`` is not one)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """An integer or real option value (Python or NumPy; ``bool`` is not one)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
 
 
 def parse_option_value(text: str) -> Any:
@@ -131,6 +133,7 @@ class TokenMap:
     title: str
     groups: Optional[np.ndarray] = None
     state: Optional[np.ndarray] = None
+    block: Optional[int] = None  # the 0-based block the map shows the tokens after (None: the input)
 
 
 _REGISTRY: dict[str, type["ReductionMethod"]] = {}
@@ -189,6 +192,8 @@ class ReductionMethod(nn.Module):
     supported_pools: ClassVar[tuple[str, ...]] = ("token", "avg", "avgmax", "max", "")
     #: False for methods that keep every token in place (they can reduce pyramid models)
     removes_tokens: ClassVar[bool] = True
+    #: ``pool_weights`` can be non-uniform (token sizes, keep masks): average pooling needs them
+    pools_with_weights: ClassVar[bool] = False
     #: the option a budget (``vitrim.solve``) and a sweep (``vitrim compare``) set, or None
     strength: ClassVar[Optional[str]] = None
     #: the strengths ``vitrim compare`` sweeps by default (weakest first)
@@ -288,12 +293,6 @@ class ReductionMethod(nn.Module):
         if cls.strength is None or not cls.sweep:
             return [{}]
         return [{cls.strength: v} for v in cls.sweep]
-
-    @classmethod
-    def default_options(cls, info: ModelInfo) -> dict:
-        """Options used when the user gives no strength: the middle of the default sweep."""
-        sweep = cls.default_sweep(info)
-        return dict(sweep[len(sweep) // 2])
 
     # ----------------------------------------------------------------- forward
     def new_state(self, x: torch.Tensor) -> ForwardState:
@@ -435,9 +434,9 @@ class ReductionMethod(nn.Module):
                 groups[entering] = np.where(rows >= 0, n0 + rows, entering)
             alive = now
             if layers is None or rec.block in layers:
-                maps.append(TokenMap(f"block {rec.block + 1}: {int(now.sum())} kept, {int((status == 1).sum())} "
+                maps.append(TokenMap(f"block {rec.block}: {int(now.sum())} kept, {int((status == 1).sum())} "
                                      f"{self.reduced_verb}", groups=None if groups is None else groups.reshape(grid),
-                                     state=status.reshape(grid)))
+                                     state=status.reshape(grid), block=rec.block))
         return maps
 
     def picture_legend(self) -> str:

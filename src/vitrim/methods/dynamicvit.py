@@ -108,6 +108,7 @@ class DynamicViT(PruningMethod):
     order = 50
     summary = "DynamicViT: learned predictors drop tokens before blocks 3, 6, 9 (needs fine-tuning)"
     cumulative_rates = True
+    pools_with_weights = True  # the masked training form pools over live tokens
     supported_pools = ("token", "avg", "")  # masked training pools over alive tokens; max would see dead ones
     color = "tab:purple"
     reduced_verb = "dropped"

@@ -79,8 +79,9 @@ class EViT(PruningMethod):
             ``k = ceil(keep_rate * n)``; a list gives one rate per location.
         locations: 0-based blocks that reorganise (between their attention and MLP).
         fuse: fold the inattentive tokens into one extra token (their attention-weighted sum).
-        tokens: absolute override of ``k`` (an int, or one per location), as in the official
-            ``tokens`` option; ``None`` uses ``keep_rate``.
+        tokens: kept patch tokens instead of a rate (an int, or one per location), as the official
+            ``tokens`` option; it replaces ``keep_rate`` (then reported as ``None``), and a keep rate other
+            than the default given with it is refused.
     """
 
     name = "evit"
@@ -88,18 +89,29 @@ class EViT(PruningMethod):
     summary = "EViT: keep the tokens the class token attends to most, fuse the rest into one token (off the shelf)"
     color = "tab:orange"
 
-    def __init__(self, info: ModelInfo, keep_rate: Union[float, Sequence[float]] = 0.7,
+    #: the default keep rate (``keep_rate=None`` means it too)
+    default_keep_rate = 0.7
+
+    def __init__(self, info: ModelInfo, keep_rate: Optional[Union[float, Sequence[float]]] = 0.7,
                  locations: Sequence[int] = (3, 6, 9), fuse: bool = True,
                  tokens: Optional[Union[int, Sequence[int]]] = None) -> None:
         super().__init__(info)
         self._configure(keep_rate=keep_rate, locations=locations, fuse=fuse, tokens=tokens)
 
     def _configure(self, keep_rate: Any, locations: Any, fuse: Any = True, tokens: Any = None) -> None:
-        values = self._configure_common(keep_rate, locations)
+        if keep_rate is not None and tokens is not None and keep_rate != self.default_keep_rate:
+            raise OptionError(f"keep_rate={keep_rate!r} and tokens={tokens!r} both set the kept tokens; accepted: "
+                              f"one of them (to switch an applied method from tokens to a rate, pass tokens=None)")
+        values = self._configure_common(self.default_keep_rate if keep_rate is None else keep_rate, locations)
+        if tokens is not None:
+            values["keep_rate"] = None  # the counts come from tokens
         if not isinstance(fuse, bool):
             raise OptionError(f"fuse must be True or False, got {fuse!r}")
         values["fuse"] = fuse
         values["tokens"], values["_tokens"] = self._parse_tokens(tokens, len(values["locations"]))
+        if values["_tokens"] is not None and values["locations"] and values["_tokens"][0] >= self.info.num_patches:
+            raise OptionError(f"tokens={tokens!r} keeps all {self.info.num_patches} patch tokens at the first location, "
+                              f"so nothing would be pruned; accepted: tokens < {self.info.num_patches}")
         self._set(values)
 
     @staticmethod

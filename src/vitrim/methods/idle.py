@@ -84,6 +84,14 @@ class IdleViT(ReductionMethod):
                               "logits; accepted: timm ViTs with a class token (deit_*, vit_* with class_token=True)")
         self.keep_rate = float(keep_rate)
         self.layers = self._check_layers(layers, info)
+        if not info.stage_depths:
+            empty = [i for i, k in enumerate(self.keep_counts()) if k == 0]
+            if empty:
+                deepest = max(self._exponent.values())
+                smallest = (1.0 / info.num_patches) ** (1.0 / deepest)
+                raise OptionError(f"keep_rate={keep_rate!r} leaves no patch token computed in idle layers {empty} "
+                                  f"(floor({info.num_patches} * {keep_rate}^s) = 0); accepted: keep_rate >= "
+                                  f"{math.ceil(smallest * 1000) / 1000} on this model")
 
     @staticmethod
     def _check_layers(layers, info: ModelInfo) -> tuple[int, ...]:
@@ -201,8 +209,8 @@ class IdleViT(ReductionMethod):
             idx = rec.index[0].cpu().numpy()
             status = np.ones(grid[0] * grid[1], dtype=np.int64)
             status[idx[idx >= p] - p] = 0
-            maps.append(TokenMap(f"block {rec.layer + 1}: {int((status == 0).sum())} computed, "
-                                 f"{int(status.sum())} idle", state=status.reshape(grid)))
+            maps.append(TokenMap(f"block {rec.layer}: {int((status == 0).sum())} computed, "
+                                 f"{int(status.sum())} idle", state=status.reshape(grid), block=rec.layer))
         return maps
 
     def picture_legend(self) -> str:

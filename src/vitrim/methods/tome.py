@@ -39,10 +39,10 @@ def parse_schedule(r: Schedule, depth: int) -> list[int]:
     if is_int(r):
         if r < 0:
             raise OptionError(f"r must be >= 0, got {r}; accepted: {_SCHEDULE_FORMS}")
-        return [r] * depth
+        return [int(r)] * depth
     if isinstance(r, tuple) and len(r) == 2 and is_int(r[0]) and isinstance(r[1], (int, float)) \
             and not isinstance(r[1], bool):
-        base, inflect = r[0], float(r[1])
+        base, inflect = int(r[0]), float(r[1])
         if base < 0 or not -1.0 <= inflect <= 1.0:
             raise OptionError(f"r=(r, inflect) needs r >= 0 and -1 <= inflect <= 1, got {r!r}; "
                               f"accepted: {_SCHEDULE_FORMS}")
@@ -58,7 +58,7 @@ def parse_schedule(r: Schedule, depth: int) -> list[int]:
                               f"accepted: {_SCHEDULE_FORMS}")
         if any(v < 0 for v in r):
             raise OptionError(f"r entries must be >= 0, got {list(r)}; accepted: {_SCHEDULE_FORMS}")
-        return list(r) + [0] * (depth - len(r))
+        return [int(v) for v in r] + [0] * (depth - len(r))
     raise OptionError(f"r={r!r} is not a schedule; accepted: {_SCHEDULE_FORMS}")
 
 
@@ -67,7 +67,8 @@ class ToMe(ReductionMethod):
     """Token Merging.
 
     Args:
-        r: tokens merged away per block: int, per-block list, or ``(r, inflect)``.
+        r: tokens merged away per block: int, per-block list, or ``(r, inflect)``; ``None``: the
+            model's default, 0.8 of ``num_patches // depth`` (DeiT-S: 13, the embedded model: 4).
         prop_attn: add ``log(size)`` to the attention logits of each key (proportional
             attention); recommended for supervised models off the shelf, off for MAE.
         trace_source: track the ``[B, T, T0]`` provenance of every token; the last forward's
@@ -78,12 +79,13 @@ class ToMe(ReductionMethod):
     order = 10
     summary = "Token Merging: merge the r most similar token pairs per block, off the shelf (no training)"
     strength = "r"
+    pools_with_weights = True
     color = "tab:blue"
     reduced_verb = "merged"
     #: ``r`` at these fractions of ``num_patches // depth`` (DeiT-S: 8, 13, 16)
     sweep_fractions: tuple[float, ...] = (0.5, 0.8, 1.0)
 
-    def __init__(self, info: ModelInfo, r: Schedule = 0, prop_attn: bool = True,
+    def __init__(self, info: ModelInfo, r: Optional[Schedule] = None, prop_attn: bool = True,
                  trace_source: bool = False) -> None:
         super().__init__(info)
         for opt, val in (("prop_attn", prop_attn), ("trace_source", trace_source)):
@@ -91,8 +93,20 @@ class ToMe(ReductionMethod):
                 raise OptionError(f"{opt} must be True or False, got {val!r}")
         self.prop_attn = prop_attn
         self.trace_source = trace_source
-        self.r = r
+        self.r = self.default_strength(info) if r is None else r
+        first = clamp_r(self.schedule[0], info.num_prefix_tokens + info.num_patches, info.num_prefix_tokens)
+        if first < self.schedule[0]:
+            raise OptionError(f"r={self.r!r} asks block 0 to merge {self.schedule[0]} tokens, but it can merge at most "
+                              f"{first} (half of the {info.num_patches} patch tokens at the model's input size); "
+                              f"accepted: r <= {first} in the first block (later blocks are clamped to what is left, "
+                              f"as in the paper)")
         self.source: Optional[torch.Tensor] = None
+
+    @classmethod
+    def default_strength(cls, info: ModelInfo) -> int:
+        """The ``r`` used when none is given: the middle of the default sweep (DeiT-S: 13; the embedded model: 4)."""
+        sweep = cls.default_sweep(info)
+        return sweep[len(sweep) // 2]["r"]
 
     @property
     def r(self) -> Schedule:
@@ -101,7 +115,7 @@ class ToMe(ReductionMethod):
     @r.setter
     def r(self, value: Schedule) -> None:
         self.schedule = parse_schedule(value, self.info.depth)
-        self._r = value
+        self._r = int(value) if is_int(value) else value
 
     # ------------------------------------------------------------------ forward
     def block_forward(self, block: nn.Module, index: int, x: torch.Tensor,
@@ -188,12 +202,12 @@ class ToMe(ReductionMethod):
                 self.r = schedule[:layer + 1]
                 state = run()
                 if state.source is None:
-                    maps.append(TokenMap(f"after block {layer + 1}: no merges yet",
-                                         groups=np.arange(grid[0] * grid[1]).reshape(grid)))
+                    maps.append(TokenMap(f"after block {layer}: no merges yet",
+                                         groups=np.arange(grid[0] * grid[1]).reshape(grid), block=layer))
                     continue
                 owner = source_owners(state.source, state.num_prefix_tokens)[0]
-                maps.append(TokenMap(f"after block {layer + 1}: {len(torch.unique(owner))} tokens",
-                                     groups=owner.reshape(grid).cpu().numpy()))
+                maps.append(TokenMap(f"after block {layer}: {len(torch.unique(owner))} tokens",
+                                     groups=owner.reshape(grid).cpu().numpy(), block=layer))
         finally:
             self.r, self.trace_source = saved
         return maps

@@ -121,7 +121,7 @@ def _class_query(attn: nn.Module, z: torch.Tensor) -> torch.Tensor:
     B = z.shape[0]
     w_q, b_q = qkv_part(attn, 0)
     q = attn.q_norm(F.linear(z[:, 0], w_q, b_q).reshape(B, attn.num_heads, attn.head_dim))
-    return q.reshape(B, -1) * (attn.scale / attn.num_heads)
+    return q.reshape(B, attn.attn_dim) * (attn.scale / attn.num_heads)
 
 
 def _keys(attn: nn.Module, z: torch.Tensor) -> torch.Tensor:
@@ -129,7 +129,7 @@ def _keys(attn: nn.Module, z: torch.Tensor) -> torch.Tensor:
     B, T, _ = z.shape
     w_k, b_k = qkv_part(attn, 1)
     k = F.linear(z, w_k, b_k)
-    return attn.k_norm(k.reshape(B, T, attn.num_heads, attn.head_dim)).reshape(B, T, -1)
+    return attn.k_norm(k.reshape(B, T, attn.num_heads, attn.head_dim)).reshape(B, T, attn.attn_dim)
 
 
 def scores_through_linear_keys(q: torch.Tensor, z: torch.Tensor, w_k: torch.Tensor,

@@ -8,6 +8,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import VitrimError
+from ..progress import Progress
+
 __all__ = ["EvalResult", "evaluate"]
 
 
@@ -28,17 +31,17 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = False, 
              desc: str = "eval", all_reduce: bool = False) -> EvalResult:
     """Single centre-crop accuracy.
 
-    ``all_reduce=True`` sums the counts over the process group: every rank must then call this
-    with its own shard of the data. Leave it False when one rank evaluates the whole split.
+    ``progress=True``: a bar on a terminal, a plain line at most every 10 s when standard error is a
+    file or a pipe. ``all_reduce=True`` sums the counts over the process group: every rank must then call
+    this with its own shard of the data. Leave it False when one rank evaluates the whole split.
     """
-    from tqdm import tqdm
-
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, n, loss sum
     seconds = 0.0
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16) \
         if amp else torch.autocast(device.type, enabled=False)
-    for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
+    total = len(loader) if hasattr(loader, "__len__") else None
+    for images, targets in Progress(loader, total=total, desc=desc, enabled=progress):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -49,6 +52,10 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = False, 
             torch.cuda.synchronize(device)
         seconds += time.perf_counter() - start
         logits = logits.float()
+        if targets.numel() and int(targets.max()) >= logits.shape[-1]:
+            raise VitrimError(f"the data has label {int(targets.max())} but the model has {logits.shape[-1]} outputs: "
+                              f"its class folders are not the model's classes (check them first with "
+                              f"vitrim.train.data.check_classes)")
         k = min(5, logits.shape[-1])
         top = logits.topk(k, dim=-1).indices
         hit = top == targets[:, None]

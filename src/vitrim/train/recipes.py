@@ -8,8 +8,10 @@ take the method's own weights (see :mod:`vitrim.train.objective`).
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from ..errors import OptionError
 
@@ -74,15 +76,171 @@ class Recipe:
         return self.lr if self.lr_base_batch is None else self.lr * total_batch / self.lr_base_batch
 
     def replace(self, **changes: Any) -> "Recipe":
+        """A copy with ``changes``; every value is checked against its field's type (ints refuse
+        ``'abc'`` and ``2.5``, floats take ints and numeric strings such as YAML's ``5e-4``, tuples take
+        lists, ``Optional`` fields take ``None``) and converted."""
         names = {f.name for f in fields(self)}
         unknown = sorted(set(changes) - names)
         if unknown:
             raise OptionError(f"unknown recipe field(s) {', '.join(unknown)}; accepted: {', '.join(sorted(names))}")
-        return dataclasses.replace(self, **changes)
+        hints = _field_types()
+        return dataclasses.replace(self, **{k: coerce_field(k, v, hints[k]) for k, v in changes.items()})
+
+    def check(self) -> "Recipe":
+        """Every field of the right type and in range, the optimiser and the scheduler known to timm,
+        or an :class:`~vitrim.errors.OptionError` naming the field; returns ``self``."""
+        hints = _field_types()
+        for f in fields(self):
+            coerce_field(f.name, getattr(self, f.name), hints[f.name])
+        _check_ranges(self)
+        return self
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+
+# ---------------------------------------------------------------------- field checks
+_BOUNDS: dict[str, tuple[str, float]] = {
+    # field: (rule, bound); "ge": >= bound, "gt": > bound
+    "epochs": ("ge", 1), "batch_size": ("ge", 1), "lr": ("gt", 0), "lr_base_batch": ("ge", 1), "min_lr": ("ge", 0),
+    "warmup_epochs": ("ge", 0), "warmup_lr": ("ge", 0), "opt_eps": ("gt", 0), "weight_decay": ("ge", 0),
+    "backbone_lr_scale": ("ge", 0), "clip_grad": ("gt", 0), "drop_path": ("ge", 0), "smoothing": ("ge", 0),
+    "mixup": ("ge", 0), "cutmix": ("ge", 0), "mixup_prob": ("ge", 0), "mixup_switch_prob": ("ge", 0),
+    "color_jitter": ("ge", 0), "reprob": ("ge", 0), "recount": ("ge", 1), "hflip": ("ge", 0),
+    "repeated_aug": ("ge", 0), "kd_weight": ("ge", 0), "ratio_weight": ("ge", 0), "token_weight": ("ge", 0),
+    "cut_weight": ("ge", 0), "feature_weight": ("ge", 0), "shrink_start_epoch": ("ge", 0), "shrink_epochs": ("ge", 0),
+}
+_AT_MOST_ONE = ("drop_path", "smoothing", "mixup_prob", "mixup_switch_prob", "reprob", "hflip")
+#: schedulers timm's create_scheduler_v2 builds that the loop can step per epoch without a metric
+SCHEDULERS = ("cosine", "tanh", "step", "constant", "multistep", "poly", "wsd", "rsqrt")
+_CHOICES = {"mixup_mode": ("batch", "pair", "elem"), "remode": ("pixel", "rand", "const"),
+            "cut_loss_layers": ("all", "alternate"),
+            "interpolation": ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos", "random")}
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(Recipe)
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union:
+        inner = [a for a in args if a is not type(None)]
+        return " or ".join(_type_name(a) for a in inner) + " or None"
+    if origin is tuple:
+        plural = {int: "ints", float: "numbers", str: "strings"}.get(args[0], str(args[0]))
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {plural}"
+        return f"a list of {len(args)} {plural}"
+    if tp is bool:
+        return "True or False"
+    return {int: "an int", float: "a number", str: "a string", dict: "a dict"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def coerce_field(name: str, value: Any, tp: Any) -> Any:
+    """``value`` converted to the recipe field type ``tp``, or an OptionError naming the field."""
+    def fail() -> OptionError:
+        return OptionError(f"recipe field {name} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            try:
+                return coerce_field(name, value, inner[0])
+            except OptionError:
+                raise fail() from None
+        raise fail()  # pragma: no cover - no such field today
+    if origin is tuple:
+        items = (value,) if isinstance(value, str) and args and args[0] is str else value
+        if not isinstance(items, (list, tuple)):
+            raise fail()
+        fixed = not (len(args) == 2 and args[1] is Ellipsis)
+        if fixed and len(items) != len(args):
+            raise fail()
+        kinds = args if fixed else (args[0],) * len(items)
+        try:
+            return tuple(coerce_field(name, v, k) for v, k in zip(items, kinds))
+        except OptionError:
+            raise fail() from None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return int(value)
+        raise fail()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 5e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise fail() from None
+        raise fail()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise fail()
+    if tp is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise fail()
+    return value  # pragma: no cover - any other annotation is taken as given
+
+
+def _check_ranges(recipe: Recipe) -> None:
+    for name, (rule, bound) in _BOUNDS.items():
+        v = getattr(recipe, name)
+        if v is None:
+            continue
+        if isinstance(v, float) and not math.isfinite(v):
+            raise OptionError(f"recipe field {name} must be a finite number, got {v!r}")
+        if (rule == "ge" and v < bound) or (rule == "gt" and v <= bound):
+            raise OptionError(f"recipe field {name} must be {'>=' if rule == 'ge' else '>'} {bound:g}, got {v!r}")
+    for name in _AT_MOST_ONE:
+        if getattr(recipe, name) > 1:
+            raise OptionError(f"recipe field {name} must be between 0 and 1, got {getattr(recipe, name)!r}")
+    if (recipe.mixup > 0 or recipe.cutmix > 0) and recipe.batch_size % 2:
+        raise OptionError(f"recipe field batch_size must be even when Mixup / CutMix is on (timm mixes pairs), got "
+                          f"{recipe.batch_size}; set an even batch size or mixup=0 and cutmix=0")
+    if any(not (0 <= b < 1) for b in recipe.opt_betas):
+        raise OptionError(f"recipe field opt_betas must be two numbers in [0, 1), got {recipe.opt_betas!r}")
+    if recipe.scale[0] <= 0 or recipe.scale[0] > recipe.scale[1] or recipe.scale[1] > 1:
+        raise OptionError(f"recipe field scale must be (low, high) with 0 < low <= high <= 1, got {recipe.scale!r}")
+    for name, accepted in _CHOICES.items():
+        if getattr(recipe, name) not in accepted:
+            raise OptionError(f"recipe field {name} must be one of {', '.join(accepted)}; got {getattr(recipe, name)!r}")
+    for term, w in recipe.loss_weights.items():
+        if not isinstance(term, str) or isinstance(w, bool) or not isinstance(w, (int, float)) \
+                or not math.isfinite(w) or w < 0:
+            raise OptionError(f"recipe field loss_weights must map term names to weights >= 0, got "
+                              f"{term!r}: {w!r}")
+    _check_optimizer_names(recipe)
+
+
+def _check_optimizer_names(recipe: Recipe) -> None:
+    import difflib
+
+    from timm.optim import list_optimizers
+
+    known = list_optimizers()
+    opt = recipe.opt.lower()
+    base = opt[len("lookahead_"):] if opt.startswith("lookahead_") else opt
+    if base not in known:
+        close = difflib.get_close_matches(base, known, n=5)
+        raise OptionError(f"recipe field opt: unknown optimiser {recipe.opt!r}"
+                          + (f" (close: {', '.join(close)})" if close else "")
+                          + "; accepted: a name in timm.optim.list_optimizers(), e.g. adamw, sgd, lamb")
+    if recipe.sched not in SCHEDULERS:
+        hint = " (plateau needs a validation metric per step, which the loop does not pass)" \
+            if recipe.sched == "plateau" else ""
+        raise OptionError(f"recipe field sched: unknown or unsupported scheduler {recipe.sched!r}{hint}; accepted: "
+                          f"{', '.join(SCHEDULERS)}")
 
 
 RECIPES: dict[str, Recipe] = {

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import VitrimError
 from ..ops.merge import unmerge_from_source
 from ..ops.provenance import source_owners
 
@@ -20,6 +21,15 @@ def source_to_grid(source: torch.Tensor, grid_size: tuple[int, int], num_prefix_
     Returns:
         ``[B, H, W]`` long tensor of final-token indices (group ids).
     """
+    if source is None:
+        raise VitrimError("source_to_grid needs a source map, and this forward kept none: apply ToMe with "
+                          "trace_source=True (or vitrim.update(model, trace_source=True)), run a forward, then pass "
+                          "model.vitrim.source (or state.source); vitrim.forward_dense does all of it")
+    if not isinstance(source, torch.Tensor) or source.dim() != 3:
+        raise VitrimError(f"source must be a [B, T, T0] tensor, got "
+                          f"{tuple(source.shape) if isinstance(source, torch.Tensor) else type(source).__name__}")
+    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
+        raise VitrimError(f"num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}")
     B, _, T0 = source.shape
     h, w = grid_size
     if h * w != T0 - num_prefix_tokens:

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..adapters import get_adapter
 from ..api import get_method
+from ..checks import writable_file
 from ..errors import VitrimError
 from ..measure.flops import model_name as architecture_name
 from ..methods.base import ReductionMethod, TokenMap
@@ -25,6 +26,7 @@ from ..methods.base import ReductionMethod, TokenMap
 __all__ = ["load_image", "method_panels", "render_panels", "visualize", "method_color"]
 
 DISPLAY_MIN = 256              # panels are upscaled (nearest) to at least this many pixels per side
+PICTURE_FORMATS = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
 EARLIER_GREY = 0.55
 
 
@@ -78,6 +80,13 @@ def method_panels(model: nn.Module, x: torch.Tensor, layers: Optional[Sequence[i
     """The pictures the method installed on ``model`` gives of one image ``x: [1, 3, H, W]``
     (``ReductionMethod.token_maps``, from real eval-mode forwards)."""
     method = get_method(model)
+    depth = method.info.depth
+    if layers is not None:
+        layers = list(layers)
+        bad = [v for v in layers if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < depth]
+        if bad or not layers:
+            raise VitrimError(f"layers {bad or layers} are not blocks of this model; accepted: 0-based block indices "
+                              f"in 0..{depth - 1}")
     model.eval()
     grid = tuple(get_adapter(model).grid_size(tuple(x.shape[-2:])))
 
@@ -87,9 +96,12 @@ def method_panels(model: nn.Module, x: torch.Tensor, layers: Optional[Sequence[i
 
     with method.provenance():
         maps = method.token_maps(run, grid, layers)
-    if not maps:
-        raise VitrimError(f"method {method.name!r} recorded nothing to draw" + (f" at blocks {list(layers)}" if layers
-                                                                                 else ""))
+    drawn = [m.block for m in maps]
+    missing = [v for v in layers or () if v not in drawn]
+    if missing or not maps:
+        everything = [m.block for m in method.token_maps(run, grid, list(range(depth)))] if missing else []
+        raise VitrimError(f"method {method.name!r} recorded nothing to draw"
+                          + (f" at blocks {missing}; it reduces tokens at blocks {everything}" if missing else ""))
     return maps
 
 
@@ -156,11 +168,13 @@ def visualize(model: nn.Module, output: str, image: Optional[str] = None, layers
               model_name: Optional[str] = None) -> str:
     """Draw what the method installed on ``model`` (``vitrim.apply``) did to ``image`` and write ``output``.
 
-    ``image`` defaults to a digits canvas for the embedded model, else scikit-image's astronaut;
+    ``output`` ends in .png, .jpg, .pdf or .svg (checked before any work). ``image`` defaults to a
+    digits canvas for the embedded model, else scikit-image's astronaut;
     ``layers`` (0-based blocks) picks the panels (default: the method's choice, e.g. ToMe after 1/4,
     1/2, 3/4 and all blocks, every pruning stage, up to four idle layers).
     """
     method = get_method(model)
+    output = str(writable_file(output, "picture", PICTURE_FORMATS))
     name = model_name or architecture_name(model)
     x, pic = load_image(model, image, name)
     x = x.to(next(model.parameters()).device)
