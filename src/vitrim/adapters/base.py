@@ -59,7 +59,9 @@ def register_adapter(cls: type["Adapter"]) -> type["Adapter"]:
     if not (isinstance(cls, type) and issubclass(cls, Adapter)):
         raise TypeError(f"register_adapter decorates Adapter subclasses, got {cls!r}")
     if cls not in _ADAPTERS:
-        _ADAPTERS.append(cls)
+        # a subclass of a registered adapter is asked first: its models are also its parent's
+        parents = [i for i, a in enumerate(_ADAPTERS) if issubclass(cls, a)]
+        _ADAPTERS.insert(parents[0], cls) if parents else _ADAPTERS.append(cls)
     return cls
 
 
