@@ -276,3 +276,26 @@ def test_traced_flops_match_analytic_baseline():
     model = timm.create_model("lvvit_s", embed_dim=96, num_heads=2)
     vitrim.apply(model, "dynamicvit", keep_rate=0.7)
     assert math.isclose(vitrim.traced_flops(model), vitrim.flops(model), abs_tol=0.01)
+
+
+@pytest.mark.parametrize("name,method,kw,want", [
+    ("lvvit_s", None, {}, 6.572), ("lvvit_m", None, {}, 12.738),
+    ("lvvit_s", "dynamicvit", dict(keep_rate=0.7), 4.576), ("lvvit_s", "dynamicvit", dict(keep_rate=0.5), 3.739),
+    ("lvvit_m", "dynamicvit", dict(keep_rate=0.7), 8.467), ("lvvit_s", "idle", dict(keep_rate=0.7), 4.749),
+])
+def test_flops_paper_convention(name, method, kw, want):
+    model = timm.create_model(name)
+    if method:
+        vitrim.apply(model, method, **kw)
+    assert abs(get_adapter(model).paper_gmacs((224, 224), getattr(model, "vitrim", None)) - want) < 0.001
+
+
+def test_cli_flops_paper_convention(capsys):
+    from vitrim.cli import main
+    assert main(["flops", "--model", "lvvit_s", "--method", "dynamicvit", "--keep-rate", "0.7",
+                 "--convention", "paper", "--json"]) == 0
+    import json
+    out = json.loads(capsys.readouterr().out)
+    assert abs(out["paper_gmacs"] - 4.576) < 0.001 and abs(out["unreduced_paper_gmacs"] - 6.572) < 0.001
+    assert main(["flops", "--model", "deit_tiny_patch16_224", "--convention", "paper"]) != 0
+    assert "no separate publication FLOPs convention" in capsys.readouterr().err

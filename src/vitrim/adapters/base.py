@@ -202,6 +202,13 @@ class Adapter(ABC):
         """Analytic MACs at batch 1 for an input of ``img_size`` under ``method`` (installed or not;
         ``None``: unreduced), in the papers' convention (``vitrim.measure.flops``)."""
 
+    def paper_gmacs(self, img_size: ImgSize, method: Optional[ReductionMethod] = None) -> float:
+        """GMACs in a family's own publication convention, where it differs from :meth:`cost_plan`'s
+        (``vitrim flops --convention paper``); families without one refuse."""
+        from ..errors import OptionError
+        raise OptionError(f"{self.label or self.family} has no separate publication FLOPs convention; "
+                          f"the protocol convention (the default) is the one its papers use")
+
     # ------------------------------------------------------------------ install
     @classmethod
     def reduced_class(cls, original: type, variant: str = "") -> type:

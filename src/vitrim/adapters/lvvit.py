@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..lvvit import LVViT, LVViTStem
 from ..measure.flops import CostPlan, linear_macs, price_blocks
-from ..methods.base import ReductionMethod
+from ..methods.base import BlockTokens, ReductionMethod
 from ..state import ForwardState
 from .base import register_adapter, runs_own_forward
 from .timm_vit import TimmViTAdapter
@@ -61,6 +61,24 @@ class LVViTAdapter(TimmViTAdapter):
         final = method.block_tokens(num_tokens)[-1].tokens_out if method is not None else num_tokens
         plan.head_macs = linear_macs(m.head) + (final - m.num_prefix_tokens) * linear_macs(m.aux_head)
         return plan
+
+    def paper_gmacs(self, img_size: tuple[int, int], method: Optional[ReductionMethod] = None) -> float:
+        """GMACs in LV-ViT's publication convention [inferred]: the per-token formula of LV-ViT's own
+        FLOPs code (kept by DynamicViT): the stem's convolutions, and per block with ``s`` tokens
+        ``s (4C^2 + 2 C mC + 2 C s + 10 H s + 22 C + 9 mC)`` (small terms: per-element charges for
+        softmax, scaling, bias, residual and LayerNorm); no heads, no predictors, no final norm. A
+        block's method-specific matmuls (IdleViT's keys and scoring, TPS's squeeze) are added as
+        in the protocol convention."""
+        m = self.model
+        num_tokens = self.num_patches(img_size) + m.num_prefix_tokens
+        plan = (method.block_tokens(num_tokens) if method is not None
+                else [BlockTokens(num_tokens, num_tokens, num_tokens)] * len(m.blocks))
+        total = m.patch_embed.conv_macs(img_size)
+        for block, t in zip(m.blocks, plan):
+            c, hidden, heads = block.attn.qkv.in_features, block.mlp.fc1.out_features, block.attn.num_heads
+            attn = t.q * c * c + 2 * t.kv * c * c + t.q * c * c + 2 * c * t.q * t.kv + 10 * heads * t.q * t.kv
+            total += attn + 11 * c * t.q + t.mlp * (2 * c * hidden + 9 * hidden + 11 * c) + t.extra_macs
+        return total / 1e9
 
 
 def _head(self, x: torch.Tensor, weights: Optional[torch.Tensor], pre_logits: bool = False) -> torch.Tensor:
