@@ -299,3 +299,35 @@ def test_cli_flops_paper_convention(capsys):
     assert abs(out["paper_gmacs"] - 4.576) < 0.001 and abs(out["unreduced_paper_gmacs"] - 6.572) < 0.001
     assert main(["flops", "--model", "deit_tiny_patch16_224", "--convention", "paper"]) != 0
     assert "no separate publication FLOPs convention" in capsys.readouterr().err
+
+
+def test_dynamicvit_lvvit_token_kl_vector():
+    from vitrim.losses.pruning import token_distillation
+    student = torch.tensor([[[0.0, 0.0], [5.0, -5.0]]])
+    teacher = torch.tensor([[[math.log(3.0), 0.0], [0.0, 0.0]]])
+    got = token_distillation(student, teacher, torch.tensor([[1.0, 0.0]]), mode="kl")
+    assert math.isclose(got.item(), 0.75 * math.log(1.5) + 0.25 * math.log(0.5), abs_tol=1e-6)
+    assert math.isclose(got.item(), 0.130812, abs_tol=1e-6)
+    assert token_distillation(student, student.clone(), None, mode="kl").item() == 0.0
+
+
+def test_idlevit_lvvit_feature_loss_vector():
+    from vitrim.losses.idle import idle_feature_loss
+    student = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])
+    teacher = torch.tensor([[[0.0, 1.0], [1.0, 1.0]]])
+    ones = torch.ones(1, 2, 1)
+    assert math.isclose(idle_feature_loss(student, teacher, ones).item(), 0.5, abs_tol=1e-6)
+    assert math.isclose(idle_feature_loss(student, teacher, ones, normalize="tokens").item(),
+                        1 - 1 / math.sqrt(2), abs_tol=1e-6)
+    # a masked-out token does not count
+    masked = idle_feature_loss(student, teacher, torch.tensor([[[1.0], [0.0]]]))
+    assert math.isclose(masked.item(), 2 / 4, abs_tol=1e-6)
+
+
+def test_aux_logits_for_losses_through_the_reduced_model():
+    model = _small()
+    vitrim.apply(model, "dynamicvit", keep_rate=0.7)
+    model.train()
+    t, state = vitrim.forward_tokens(model, torch.randn(2, 3, 224, 224))
+    cls_out, aux_out = model.forward_aux(t)
+    assert cls_out.shape == (2, 7) and aux_out.shape == (2, 196, 7)  # masked form: every position

@@ -102,10 +102,5 @@ def _forward_head_with_state(self, x: torch.Tensor, state: ForwardState) -> torc
     return _head(self, x, self.vitrim.pool_weights(state))
 
 
-def _forward_aux_with_state(self, x: torch.Tensor, state: ForwardState) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(head(cls) [B, K], aux_head(patch tokens) [B, T - P, K])`` of the final tokens, for losses."""
-    return self.forward_aux(x)
-
-
 LVViTAdapter.entry_points = dict(TimmViTAdapter.entry_points, forward_head=_forward_head,
                                  forward_head_with_state=_forward_head_with_state)
