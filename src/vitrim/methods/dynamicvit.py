@@ -107,7 +107,7 @@ class DynamicViT(PruningMethod):
 
     name = "dynamicvit"
     order = 50
-    summary = "DynamicViT: learned predictors drop tokens before blocks 3, 6, 9 (needs fine-tuning)"
+    summary = "DynamicViT: learned predictors drop tokens before blocks at 1/4, 1/2 and 3/4 of the depth (needs fine-tuning)"
     cumulative_rates = True
     pools_with_weights = True  # the masked training form pools over live tokens
     supported_pools = ("token", "avg", "")  # masked training pools over alive tokens; max would see dead ones
