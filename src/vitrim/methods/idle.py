@@ -145,9 +145,14 @@ class IdleViT(ReductionMethod):
     # ------------------------------------------------------------------ forward
     def block_forward(self, block: nn.Module, index: int, x: torch.Tensor,
                       state: ForwardState) -> tuple[torch.Tensor, ForwardState]:
-        keep = self.keep(index, state.num_patches)
+        # a family that selects per unit (Swin: per window of M slots) hands its own idle forms
+        forms = getattr(block, "idle_forms", None)
+        keep = self.keep(index, getattr(block, "idle_slots", None) or state.num_patches)
         if keep is None:
             return block(x), state  # the model's own forward: bit-identical
+        if forms is not None:
+            x, idx, mask = forms[1](x, keep) if block.training else forms[0](x, keep)
+            return x, state.add_record(IdleRecord(index, keep, idx, mask))
         feat_size = getattr(block, "feat_size", None)  # a pyramid block: its H x W map stays complete
         if feat_size is not None:
             if block.training:
