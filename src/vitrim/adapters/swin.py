@@ -128,6 +128,9 @@ class SwinAdapter(Adapter):
         )
 
     def default_img_size(self) -> tuple[int, int]:
+        built = getattr(self.model.patch_embed, "img_size", None)  # the size the model was built for
+        if built is not None:
+            return int(built[0]), int(built[1])
         cfg = getattr(self.model, "pretrained_cfg", None) or {}
         size = cfg.get("input_size", (3, 224, 224))
         return int(size[1]), int(size[2])
@@ -143,7 +146,7 @@ class SwinAdapter(Adapter):
         size = (math.ceil(size[0] / ph), math.ceil(size[1] / pw))
         if not getattr(pe, "dynamic_img_size", False) and getattr(pe, "strict_img_size", True) \
                 and pe.img_size is not None and tuple(pe.img_size) != (size[0] * ph, size[1] * pw):
-            raise UnsupportedModelError(f"input size {tuple(img_size)} differs from the model's {tuple(pe.img_size)}; "
+            raise UnsupportedModelError(f"input size {tuple(size)} differs from the model's {tuple(pe.img_size)}; "
                                         f"build it with dynamic_img_size=True (or img_size=...) for other sizes")
         out = []
         for stage in self.model.layers:

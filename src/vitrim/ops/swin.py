@@ -67,9 +67,24 @@ def _from_windows(w: torch.Tensor, ws: tuple[int, int], shift: tuple[int, int], 
     return x
 
 
+_SLOTS: dict = {}
+
+
 def window_slots(size: tuple[int, int], ws: tuple[int, int], shift: tuple[int, int],
                  device: Optional[torch.device] = None) -> torch.Tensor:
-    """``[nW, M]`` int64 flat position (in the ``H x W`` map) of every window slot, ``-1`` for padding."""
+    """``[nW, M]`` int64 flat position (in the ``H x W`` map) of every window slot, ``-1`` for padding.
+
+    Cached per size, window, shift and device (a small table, built once)."""
+    key = (tuple(size), tuple(ws), tuple(shift), str(device))
+    table = _SLOTS.get(key)
+    if table is None:
+        if len(_SLOTS) > 256:
+            _SLOTS.clear()
+        table = _SLOTS[key] = _window_slots(size, ws, shift, device)
+    return table
+
+
+def _window_slots(size, ws, shift, device) -> torch.Tensor:
     H, W = size
     pos = torch.arange(H * W, device=device, dtype=torch.float64).view(1, H, W, 1) + 1  # 0 = padding after pad
     return _to_windows(pos, ws, shift).view(-1, ws[0] * ws[1]).long() - 1
@@ -100,7 +115,8 @@ def window_scores(attn: nn.Module, zw: torch.Tensor, pad: Optional[torch.Tensor]
     ``C`` per slot.
 
     Args:
-        zw: ``[B * nW, M, C]`` normed windows; pad: ``[nW, M]`` bool, True at padding slots (ranked last).
+        zw: ``[B * nW, M, C]`` normed windows; pad: ``[nW, M]`` bool, True at padding slots (ranked last),
+            or ``None`` when the map has no padding.
 
     Returns:
         ``[B * nW, M]`` scores.
@@ -113,7 +129,7 @@ def window_scores(attn: nn.Module, zw: torch.Tensor, pad: Optional[torch.Tensor]
         score = score + (q * b[A:2 * A]).sum(-1, keepdim=True)
     beta = rel_pos_bias(attn).mean(dim=(0, 1))                                     # [M]: mean over heads, queries
     score = score + beta.to(score.dtype)
-    if pad is not None and bool(pad.any()):
+    if pad is not None:
         nW = pad.shape[0]
         score = score.view(-1, nW, score.shape[-1]).masked_fill(pad, float("-inf")).view_as(score)
     return score
@@ -170,7 +186,8 @@ def swin_idle_block_gather(block: nn.Module, x: torch.Tensor, keep: int) -> tupl
     slots = window_slots((H, W), ws, shift, x.device)                               # [nW, M]
     nW, M = slots.shape
     zw = _to_windows(block.norm1(x), ws, shift)                                      # [BW, M, C]
-    idx = select_window_slots(window_scores(attn, zw, slots < 0), keep)              # [BW, K]
+    padded = nW * M > H * W                                                          # static: from shapes
+    idx = select_window_slots(window_scores(attn, zw, slots < 0 if padded else None), keep)  # [BW, K]
     BW = idx.shape[0]
     zs = zw.gather(1, idx.unsqueeze(-1).expand(-1, -1, C))                           # [BW, K, C]
     heads = attn.num_heads
@@ -178,7 +195,6 @@ def swin_idle_block_gather(block: nn.Module, x: torch.Tensor, keep: int) -> tupl
     bias = _pair_bias(block, idx, nW, shift_mask(block, (H, W), x.dtype, x.device))
     a = attn.proj_drop(attn.proj(_attend(attn, q, k, v, bias)))                      # [BW, K, C]
     pos = slots.repeat(B, 1).gather(1, idx).view(B, nW * keep)                       # [B, nW*K]
-    padded = bool((pos < 0).any())
     dest = pos + torch.arange(B, device=x.device).unsqueeze(1) * (H * W)
     dest = torch.where(pos < 0, torch.full_like(dest, B * H * W), dest).reshape(-1)  # padding -> a dropped row
     flat = x.reshape(B * H * W, C)
@@ -187,7 +203,7 @@ def swin_idle_block_gather(block: nn.Module, x: torch.Tensor, keep: int) -> tupl
     xs = flat.index_select(0, dest).view(B, nW * keep, C) + block.drop_path1(a.view(B, nW * keep, C))
     xs = _mlp_residual(block, xs).reshape(-1, C)
     out = flat.index_copy(0, dest, xs)
-    if padded:  # several padding slots share the dropped row: only real rows are kept
+    if padded:  # selected padding slots all write the one extra row, which is dropped
         out = out[:-1]
     return out.view(B, H, W, C), pos
 
@@ -208,7 +224,7 @@ def swin_idle_block_masked(block: nn.Module, x: torch.Tensor, keep: int
     slots = window_slots((H, W), ws, shift, x.device)
     nW, M = slots.shape
     zw = _to_windows(block.norm1(x), ws, shift)
-    idx = select_window_slots(window_scores(attn, zw, slots < 0), keep)
+    idx = select_window_slots(window_scores(attn, zw, slots < 0 if nW * M > H * W else None), keep)
     BW = idx.shape[0]
     sel = torch.zeros(BW, M, dtype=torch.bool, device=x.device).scatter(1, idx, True)   # [BW, M]
     heads = attn.num_heads
@@ -225,4 +241,4 @@ def swin_idle_block_masked(block: nn.Module, x: torch.Tensor, keep: int
     x1 = torch.where(m, x + block.drop_path1(a), x)
     x2 = torch.where(m, _mlp_residual(block, x1.reshape(B, -1, C)).view(B, H, W, C), x1)
     pos = slots.repeat(B, 1).gather(1, idx).view(B, nW * keep)
-    return x2, pos, m.squeeze(-1)
+    return x2, pos, m.squeeze(-1).contiguous()
