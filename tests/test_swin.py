@@ -286,3 +286,20 @@ def test_torch_compile_matches():
         want = r(x)
         got = torch.compile(r, backend="eager", fullgraph=True)(x)
     assert torch.allclose(got, want, atol=1e-5)
+
+
+# options: keep_rate per stage, layers ------------------------------------------------------------------
+def test_keep_rate_per_stage_and_layers():
+    with torch.device("meta"):
+        m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False)
+    same = reduced(m, keep_rate=(1.0, 0.5, 0.5, 0.5))
+    assert same.vitrim.layers == tuple(range(2, 12))
+    assert vitrim.flops(same) == pytest.approx(vitrim.flops(reduced(m, keep_rate=0.5)), abs=1e-9)
+    third = reduced(m, keep_rate=(1.0, 1.0, 0.5, 1.0))
+    assert third.vitrim.layers == tuple(range(4, 10))
+    assert third.vitrim.options()["keep_rate"] == (1.0, 1.0, 0.5, 1.0)
+    few = reduced(m, keep_rate=0.5, layers=[0, 5])
+    plan = vitrim.flops_report(few).layers
+    assert [l.tokens_in for l in plan][:6] == [64 * 24, 3136, 784, 784, 196, 4 * 24]
+    with pytest.raises(vitrim.OptionError, match="one such number per stage"):
+        vitrim.apply(copy.deepcopy(m), "idle", keep_rate=(0.5, 0.5))
