@@ -303,3 +303,20 @@ def test_keep_rate_per_stage_and_layers():
     assert [l.tokens_in for l in plan][:6] == [64 * 24, 3136, 784, 784, 196, 4 * 24]
     with pytest.raises(vitrim.OptionError, match="one such number per stage"):
         vitrim.apply(copy.deepcopy(m), "idle", keep_rate=(0.5, 0.5))
+
+
+def test_visualize_draws_each_stage_on_its_own_map(tmp_path):
+    """Idle records of a later stage count on that stage's map; the picture scales them to the patch grid."""
+    import numpy as np
+    from vitrim.visual.pictures import visualize
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, embed_dim=16, depths=(2, 2, 2, 2),
+                              num_heads=(1, 1, 2, 2), img_size=112).eval()
+    reduced = vitrim.apply(model, "idle", keep_rate=0.5)
+    x = torch.randn(1, 3, 112, 112)
+    with torch.no_grad(), reduced.vitrim.provenance():
+        maps = reduced.vitrim.token_maps(lambda: reduced.forward_with_state(x)[1], (28, 28))
+    assert maps and all(m.state.shape == (28, 28) for m in maps)
+    last = maps[-1]  # stage 4: a 4x4 map, each token a 7x7 square of patches
+    assert (last.state.reshape(4, 7, 4, 7).std(axis=(1, 3)) == 0).all()
+    visualize(reduced, str(tmp_path / "swin.png"))
+    assert (tmp_path / "swin.png").stat().st_size > 0

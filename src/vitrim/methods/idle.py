@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import OptionError
+from ..errors import OptionError, UnsupportedModelError
 from ..losses.idle import idle_cut_loss, idle_feature_loss
 from ..ops.idle import (IdleRecord, idle_block_gather, idle_block_masked, keep_count, pvt_idle_block_gather,
                         pvt_idle_block_masked)
@@ -179,15 +179,16 @@ class IdleViT(ReductionMethod):
         if keep is None:
             return block(x), state  # the model's own forward: bit-identical
         if forms is not None:
+            stage_grid = tuple(x.shape[1:3])  # these blocks take the [B, H, W, C] map
             x, idx, mask = forms[1](x, keep) if block.training else forms[0](x, keep)
-            return x, state.add_record(IdleRecord(index, keep, idx, mask))
+            return x, state.add_record(IdleRecord(index, keep, idx, mask, grid=stage_grid))
         feat_size = getattr(block, "feat_size", None)  # a pyramid block: its H x W map stays complete
         if feat_size is not None:
             if block.training:
                 x, idx, mask = pvt_idle_block_masked(block, x, keep, feat_size)
-                return x, state.add_record(IdleRecord(index, keep, idx, mask))
+                return x, state.add_record(IdleRecord(index, keep, idx, mask, grid=tuple(feat_size)))
             x, idx = pvt_idle_block_gather(block, x, keep, feat_size)
-            return x, state.add_record(IdleRecord(index, keep, idx))
+            return x, state.add_record(IdleRecord(index, keep, idx, grid=tuple(feat_size)))
         p = state.num_prefix_tokens
         if block.training:
             x, idx, mask, logits = idle_block_masked(block, x, keep, p)
@@ -240,10 +241,20 @@ class IdleViT(ReductionMethod):
             if layers is not None and rec.layer not in layers:
                 continue
             idx = rec.index[0].cpu().numpy()
-            status = np.ones(grid[0] * grid[1], dtype=np.int64)
+            own = tuple(rec.grid) if rec.grid is not None else tuple(grid)  # a pyramid stage counts on its own map
+            status = np.ones(own[0] * own[1], dtype=np.int64)
             status[idx[idx >= p] - p] = 0
-            maps.append(TokenMap(f"block {rec.layer}: {int((status == 0).sum())} computed, "
-                                 f"{int(status.sum())} idle", state=status.reshape(grid), block=rec.layer))
+            computed, idle = int((status == 0).sum()), int(status.sum())
+            label = f"block {rec.layer}: {computed} computed, {idle} idle"
+            status = status.reshape(own)
+            if own != tuple(grid):  # drawn on the input's patch grid: each stage token covers a square of patches
+                if grid[0] % own[0] or grid[1] % own[1]:
+                    raise UnsupportedModelError(f"cannot draw block {rec.layer}: its {own[0]}x{own[1]} token map "
+                                                f"does not tile the {grid[0]}x{grid[1]} patch grid (padded input); "
+                                                f"use an image size that is a multiple of the model's total stride")
+                status = np.kron(status, np.ones((grid[0] // own[0], grid[1] // own[1]), dtype=np.int64))
+                label = f"block {rec.layer} ({own[0]}x{own[1]}): {computed} in, {idle} idle"
+            maps.append(TokenMap(label, state=status, block=rec.layer))
         return maps
 
     def picture_legend(self) -> str:
