@@ -99,7 +99,7 @@ def test_flops_match_flop_counter(key):
 def test_methods_without_rope_rows_are_refused_not_wrong():
     m = make("dinov3", depth=3)
     x = image(m)
-    for method, options in [("tome", dict(r=2)), ("dynamicvit", dict(keep_rate=0.5, locations=(1,))),
+    for method, options in [("tome", dict(r=2)),
                             ("idle", {})]:
         vitrim.apply(m, method, **options)
         with pytest.raises(VitrimError, match="Eva"):
@@ -117,3 +117,28 @@ def test_refused_families_name_what_is_accepted():
     naflex = timm.create_model("naflexvit_base_patch16_gap", pretrained=False, depth=1)
     with pytest.raises(UnsupportedModelError, match="NaFlexVit"):
         vitrim.apply(naflex, "tome", r=1)
+
+
+def _topk_decision(logp, prev, k):
+    """Fixed decisions for the masked form: the top k alive tokens by predicted keep score."""
+    from vitrim.ops.prune import rank_tokens
+    scores = logp[..., 0].masked_fill(prev[..., 0] <= 0, float("-inf"))
+    keep_index, _ = rank_tokens(scores, k)
+    return torch.zeros_like(prev).scatter(1, keep_index.unsqueeze(-1), 1.0)
+
+
+@pytest.mark.parametrize("key", list(MODELS))
+@pytest.mark.parametrize("method", ["dynamicvit", "dtps"])
+def test_masked_training_equals_gather_inference_on_eva(key, method):
+    m = make(key, depth=3)
+    x = image(m)
+    vitrim.apply(m, method, keep_rate=0.5, locations=(1, 2))
+    with torch.no_grad():
+        ref = m(x)
+        m.vitrim.masked_decision = _topk_decision
+        m.train()
+        out = m(x)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    del m.vitrim.masked_decision  # back to the Gumbel decisions
+    m(x).logsumexp(-1).sum().backward()
+    assert all(p.grad is not None for p in m.vitrim.predictors.parameters())

@@ -38,7 +38,7 @@ except ImportError:  # pragma: no cover - guarded by the dependency pin
 __all__ = ["EvaAdapter"]
 
 
-_SUPPORTED = "evit and etps (pruning after a block's attention, by a gather)"
+_SUPPORTED = "evit, etps, dynamicvit and dtps (pruning by a gather)"
 _SUBSET_ERROR = ("a vitrim method asked a RoPE Eva block to attend over {rows} rows while it holds {prefix} prefix and "
                  "{patches} patch tokens; vitrim does not yet carry rope positions through this method. Supported on "
                  "timm Eva with RoPE: " + _SUPPORTED + "; every method at zero reduction and on Eva models without RoPE")
@@ -121,12 +121,16 @@ class _Attention:
 class _Block:
     """Facade of an ``EvaBlock`` with its rope bound: ``block(x)`` and the block contract's parts."""
 
-    def __init__(self, block: nn.Module, rope: Optional[torch.Tensor]) -> None:
-        self.module, self.rope = block, rope
+    def __init__(self, block: nn.Module, rope: Optional[torch.Tensor], full_rope: Optional[torch.Tensor] = None) -> None:
+        self.module, self.rope, self.full_rope = block, rope, full_rope
         self.attn = _Attention(block.attn, rope)
         g1, g2 = block.gamma_1, block.gamma_2
         self.ls1 = (lambda t: g1 * t) if g1 is not None else nn.Identity()
         self.ls2 = (lambda t: g2 * t) if g2 is not None else nn.Identity()
+
+    def at(self, state: ForwardState) -> "_Block":
+        """This block with the rope rows of the tokens ``state`` describes (a method pruned before it)."""
+        return _Block(self.module, _current_rope(self.full_rope, state), self.full_rope)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.rope is not None and x.shape[1] != self.module.attn.num_prefix_tokens + self.rope.shape[-2]:
@@ -146,7 +150,7 @@ class EvaAdapter(Adapter):
     label = "timm Eva"
     accepts = ("timm Eva models with EvaBlock/EvaAttention (eva02_*, vit_*_patch16_dinov3*: RoPE 'cat'/'dinov3' or "
                "none, fused or separate q/k/v with q_bias/v_bias, scale-norm, qk-norm, LayerScale, SwiGLU, registers, "
-               "class token, token or average pooling); with RoPE: evit and etps")
+               "class token, token or average pooling); with RoPE: evit, etps, dynamicvit, dtps")
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
@@ -243,7 +247,7 @@ def _forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, ForwardState]:
     state = method.new_state(x)
     use_ckpt = self.grad_checkpointing and self.training and not torch.jit.is_scripting()
     for i, block in enumerate(self.blocks):
-        x, state = run_block(method, _Block(block, _current_rope(rope, state)), i, x, state, use_ckpt)
+        x, state = run_block(method, _Block(block, _current_rope(rope, state), rope), i, x, state, use_ckpt)
     x = self.norm(x)
     method.finish(state)
     return x, state
