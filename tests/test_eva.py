@@ -96,15 +96,11 @@ def test_flops_match_flop_counter(key):
     assert abs(vitrim.flops(m) - vitrim.traced_flops(m)) / vitrim.traced_flops(m) < 0.02
 
 
-def test_methods_without_rope_rows_are_refused_not_wrong():
+def test_idle_on_rope_is_refused_not_wrong():
     m = make("dinov3", depth=3)
-    x = image(m)
-    for method, options in [("tome", dict(r=2)),
-                            ("idle", {})]:
-        vitrim.apply(m, method, **options)
-        with pytest.raises(VitrimError, match="Eva"):
-            m(x)
-        vitrim.remove(m)
+    vitrim.apply(m, "idle")
+    with pytest.raises(VitrimError, match="RoPE Eva"):
+        m(image(m))
 
 
 def test_refused_families_name_what_is_accepted():
@@ -142,3 +138,42 @@ def test_masked_training_equals_gather_inference_on_eva(key, method):
     del m.vitrim.masked_decision  # back to the Gumbel decisions
     m(x).logsumexp(-1).sum().backward()
     assert all(p.grad is not None for p in m.vitrim.predictors.parameters())
+
+
+def test_recomputed_rotation_equals_the_module_rows():
+    from vitrim.adapters.eva import rope_at
+    from vitrim.ops.rope import grid_positions
+    m = make("dinov3", img_size=(64, 96), dynamic_img_size=True)
+    x = torch.randn(1, 3, 64, 96)
+    _, rope = m._pos_embed(m.patch_embed(x))
+    recompute = rope_at(m.rope, (4, 6))
+    torch.testing.assert_close(recompute(grid_positions((4, 6), 1, x.device)[0]), rope, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("position", ["mean", "keep"])
+def test_tome_positions_follow_the_merges(position):
+    m = make("dinov3", depth=3)
+    x = image(m)
+    vitrim.apply(m, "tome", r=3, position=position, trace_source=True)
+    with torch.no_grad():
+        _, state = m.forward_tokens(x)
+    p = m.num_prefix_tokens
+    source = state.source[:, p:, p:]                                  # [B, n, N0] patches each token holds
+    grid = torch.stack(torch.meshgrid(torch.arange(4.), torch.arange(4.), indexing="ij"), -1).reshape(16, 2)
+    if position == "mean":
+        expected = (source @ grid) / source.sum(-1, keepdim=True)
+        torch.testing.assert_close(state.positions, expected, rtol=1e-6, atol=1e-6)
+    else:  # a grid position the token holds
+        assert torch.equal(state.positions, state.positions.round())
+        held = source.gather(2, (state.positions[..., 0] * 4 + state.positions[..., 1]).long().unsqueeze(-1))
+        assert bool((held == 1).all())
+    assert state.positions.shape[1] == 16 - 9
+
+
+def test_tome_mean_needs_a_rope_vitrim_can_recompute():
+    m = make("eva02", depth=3)
+    vitrim.apply(m, "tome", r=2, position="mean")
+    with pytest.raises(VitrimError, match="position='keep'"):
+        m(image(m))
+    vitrim.update(m, position="keep")
+    assert m(image(m)).shape[0] == 2

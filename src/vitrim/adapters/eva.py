@@ -8,9 +8,11 @@ forward with its rope; its attention's ``q_norm`` / ``k_norm`` are the module's 
 module's own rotation of the patch rows, so ``vitrim.ops.attention`` computes exactly the attention
 the block computes. Where tokens were pruned (a gather recorded by the method), the rope rows are
 gathered with the same indices (``vitrim.ops.rope.gather_rope``); a token without a patch position
-(EViT's fused token) gets the identity rotation [vitrim extension]. Merging methods (ToMe) and
-methods that compute on a subset of rows (IdleViT) are refused at the first block that would need
-rope rows this adapter cannot give.
+(EViT's fused token) gets the identity rotation [vitrim extension]. ToMe carries the coordinates of
+its merged tokens in ``ForwardState.positions`` (``position="mean"``: the size-weighted mean, the
+rotation recomputed there for DINOv3 rope; ``"keep"``: the destination's, a gather) [vitrim
+extension]. Methods that compute on a subset of rows (IdleViT) are refused at the first block that
+would need rope rows this adapter cannot give.
 """
 from __future__ import annotations
 
@@ -24,21 +26,21 @@ from ..errors import OptionError, UnsupportedModelError, VitrimError
 from ..measure.flops import CostPlan, linear_macs, price_blocks
 from ..methods.base import ModelInfo, ReductionMethod
 from ..ops.prune import PruneRecord
-from ..ops.rope import gather_rope
+from ..ops.rope import gather_rope, grid_positions, rows_from_positions
 from ..state import ForwardState
 from .base import Adapter, overrides, register_adapter, run_block, runs_own_forward
 
 try:
     from timm.layers import PatchEmbed as TimmPatchEmbed
-    from timm.layers.pos_embed_sincos import apply_rot_embed_cat
+    from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3, _build_grid, apply_rot_embed_cat
     from timm.models.eva import Eva, EvaAttention, EvaBlock
 except ImportError:  # pragma: no cover - guarded by the dependency pin
-    Eva = EvaAttention = EvaBlock = TimmPatchEmbed = apply_rot_embed_cat = None
+    Eva = EvaAttention = EvaBlock = TimmPatchEmbed = apply_rot_embed_cat = RotaryEmbeddingDinoV3 = None
 
 __all__ = ["EvaAdapter"]
 
 
-_SUPPORTED = "evit, etps, dynamicvit and dtps (pruning by a gather)"
+_SUPPORTED = "tome, evit, etps, dynamicvit and dtps"
 _SUBSET_ERROR = ("a vitrim method asked a RoPE Eva block to attend over {rows} rows while it holds {prefix} prefix and "
                  "{patches} patch tokens; vitrim does not yet carry rope positions through this method. Supported on "
                  "timm Eva with RoPE: " + _SUPPORTED + "; every method at zero reduction and on Eva models without RoPE")
@@ -121,8 +123,9 @@ class _Attention:
 class _Block:
     """Facade of an ``EvaBlock`` with its rope bound: ``block(x)`` and the block contract's parts."""
 
-    def __init__(self, block: nn.Module, rope: Optional[torch.Tensor], full_rope: Optional[torch.Tensor] = None) -> None:
-        self.module, self.rope, self.full_rope = block, rope, full_rope
+    def __init__(self, block: nn.Module, rope: Optional[torch.Tensor], full_rope: Optional[torch.Tensor] = None,
+                 model: Optional[nn.Module] = None, grid: tuple[int, int] = (0, 0)) -> None:
+        self.module, self.rope, self.full_rope, self.model, self.grid = block, rope, full_rope, model, grid
         self.attn = _Attention(block.attn, rope)
         g1, g2 = block.gamma_1, block.gamma_2
         self.ls1 = (lambda t: g1 * t) if g1 is not None else nn.Identity()
@@ -130,7 +133,8 @@ class _Block:
 
     def at(self, state: ForwardState) -> "_Block":
         """This block with the rope rows of the tokens ``state`` describes (a method pruned before it)."""
-        return _Block(self.module, _current_rope(self.full_rope, state), self.full_rope)
+        return _Block(self.module, _current_rope(self.model, self.full_rope, state, self.grid), self.full_rope,
+                      self.model, self.grid)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.rope is not None and x.shape[1] != self.module.attn.num_prefix_tokens + self.rope.shape[-2]:
@@ -150,7 +154,7 @@ class EvaAdapter(Adapter):
     label = "timm Eva"
     accepts = ("timm Eva models with EvaBlock/EvaAttention (eva02_*, vit_*_patch16_dinov3*: RoPE 'cat'/'dinov3' or "
                "none, fused or separate q/k/v with q_bias/v_bias, scale-norm, qk-norm, LayerScale, SwiGLU, registers, "
-               "class token, token or average pooling); with RoPE: evit, etps, dynamicvit, dtps")
+               "class token, token or average pooling); with RoPE: tome (position 'mean' on DINOv3 rope, 'keep' on any), evit, etps, dynamicvit, dtps")
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
@@ -225,29 +229,68 @@ class EvaAdapter(Adapter):
 
 
 # ---------------------------------------------------------------------- reduced forward
-def _current_rope(rope: Optional[torch.Tensor], state: ForwardState) -> Optional[torch.Tensor]:
+def rope_at(module: nn.Module, grid: tuple[int, int]):
+    """``coords [M, 2] (row, column) -> [M, 2D]``: the rotation of ``module`` at any grid coordinates, in its
+    own layout, or ``None`` where vitrim has no such function for the rope type (then merged tokens must
+    keep a grid position: ToMe ``position="keep"``).
+
+    DINOv3's angles are linear in its normalised coordinates, an affine map of ``(row, column)``; the map is
+    read off the module's own grid, so the function reproduces the module's rows on the integer grid.
+    """
+    if RotaryEmbeddingDinoV3 is None or not isinstance(module, RotaryEmbeddingDinoV3) or module.aug_active:
+        return None
+    norm = _build_grid(list(grid), grid_type="centered", grid_offset=module.grid_offset,
+                       grid_indexing=module.grid_indexing, normalize_coords=module.normalize_coords,
+                       ndim=2).flatten(0, -2).double()                                   # [HW, 2]
+    index = grid_positions(grid, 1, norm.device)[0].double()
+    design = torch.cat([index, torch.ones_like(index[:, :1])], -1)                        # [HW, 3]
+    affine = torch.linalg.lstsq(design, norm).solution                                  # [3, 2]
+
+    def recompute(coords: torch.Tensor) -> torch.Tensor:
+        a = affine.to(coords.device)
+        c = (torch.cat([coords.double(), torch.ones_like(coords[:, :1]).double()], -1) @ a).float()
+        sin, cos = module._get_pos_embed_from_coords(c)
+        return torch.cat([sin, cos], -1)
+
+    return recompute
+
+
+def _current_rope(model: nn.Module, rope: Optional[torch.Tensor], state: ForwardState,
+                  grid: tuple[int, int]) -> Optional[torch.Tensor]:
     """The rope rows of the current patch tokens: the model's own tensor until tokens move."""
     if rope is None:
         return None
     last = next((r for r in reversed(state.records) if isinstance(r, PruneRecord) and r.positions is not None), None)
     if last is not None:
         return gather_rope(rope, last.positions)
-    if state.size is not None:
-        raise VitrimError("tokens were merged on a RoPE Eva model; vitrim does not yet carry rope positions through "
-                          "merging (supported on timm Eva: " + _SUPPORTED + ")")
-    return rope
+    if state.size is None:
+        return rope
+    if state.positions is None:
+        raise VitrimError("tokens were merged on a RoPE Eva model but the method did not carry their positions; "
+                          "supported on timm Eva with RoPE: tome, " + _SUPPORTED)
+    recompute = rope_at(model.rope, grid)
+    if recompute is None and not torch.equal(state.positions, state.positions.round()):
+        raise VitrimError(f"ToMe position='mean' needs the rotation at a merged token's mean coordinates, which "
+                          f"vitrim computes for DINOv3 rope only (this model: {type(model.rope).__name__}); use "
+                          f"position='keep' (merged tokens keep their destination's position)")
+    return rows_from_positions(rope, state.positions, grid[1], recompute)
 
 
 def _forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, ForwardState]:
     """Image ``[B, 3, H, W]`` -> final normed tokens ``[B, T, C]`` and the forward's state."""
     method: ReductionMethod = self.vitrim
+    grid = tuple(self.patch_embed.dynamic_feat_size(x.shape[-2:])) if self.dynamic_img_size \
+        else tuple(self.patch_embed.grid_size)
     x = self.patch_embed(x)
     x, rope = self._pos_embed(x)
     x = self.norm_pre(x)
     state = method.new_state(x)
+    if rope is not None:  # the blocks read positions: they follow merges (ToMe) from here
+        state = state.replace(positions=grid_positions(grid, x.shape[0], x.device))
     use_ckpt = self.grad_checkpointing and self.training and not torch.jit.is_scripting()
     for i, block in enumerate(self.blocks):
-        x, state = run_block(method, _Block(block, _current_rope(rope, state), rope), i, x, state, use_ckpt)
+        current = _current_rope(self, rope, state, grid)
+        x, state = run_block(method, _Block(block, current, rope, self, grid), i, x, state, use_ckpt)
     x = self.norm(x)
     method.finish(state)
     return x, state
