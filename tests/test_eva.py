@@ -177,3 +177,16 @@ def test_tome_mean_needs_a_rope_vitrim_can_recompute():
         m(image(m))
     vitrim.update(m, position="keep")
     assert m(image(m)).shape[0] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,options", [("tome", dict(r=3)), ("evit", dict(keep_rate=0.5, locations=(1,)))])
+def test_compiles_as_one_graph(method, options):
+    torch._dynamo.reset()
+    m = make("dinov3", depth=3)
+    x = image(m)
+    vitrim.apply(m, method, **options)
+    with torch.no_grad():
+        ref = m(x)
+        out = torch.compile(m, fullgraph=True, backend="eager")(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -242,9 +242,11 @@ def rope_at(module: nn.Module, grid: tuple[int, int]):
     norm = _build_grid(list(grid), grid_type="centered", grid_offset=module.grid_offset,
                        grid_indexing=module.grid_indexing, normalize_coords=module.normalize_coords,
                        ndim=2).flatten(0, -2).double()                                   # [HW, 2]
-    index = grid_positions(grid, 1, norm.device)[0].double()
-    design = torch.cat([index, torch.ones_like(index[:, :1])], -1)                        # [HW, 3]
-    affine = torch.linalg.lstsq(design, norm).solution                                  # [3, 2]
+    h, w = grid
+    zero = torch.zeros_like(norm[0])
+    affine = torch.stack([norm[w] - norm[0] if h > 1 else zero,      # per row step
+                          norm[1] - norm[0] if w > 1 else zero,      # per column step
+                          norm[0]])                                  # [3, 2]: (row, column, 1) -> coordinates
 
     def recompute(coords: torch.Tensor) -> torch.Tensor:
         a = affine.to(coords.device)
