@@ -100,7 +100,7 @@ class _RopeNorm:
         p, n = self.num_prefix, self.rope.shape[-2]
         if t.shape[-2] == p + n:
             return torch.cat([t[:, :, :p], apply_rot_embed_cat(t[:, :, p:], self.rope, half=self.half)], dim=2)
-        if p >= 1 and t.shape[-2] == 1:  # the class query alone: a prefix row, no rotation
+        if t.shape[-2] == 1:  # one query alone (the class or the average token's): no rotation
             return t
         raise VitrimError(_SUBSET_ERROR.format(rows=t.shape[-2], prefix=p, patches=n))
 
