@@ -369,7 +369,10 @@ def test_defaults_are_the_papers():
     from vitrim.methods import get_method_class
     for name in METHODS:
         defaults = get_method_class(name).option_defaults()
-        assert defaults["keep_rate"] == 0.7 and defaults["locations"] == (3, 6, 9)
+        assert defaults["keep_rate"] == 0.7 and defaults["locations"] is None  # the depth rule below
+    from vitrim.methods._pruning import default_locations
+    assert default_locations(12) == (3, 6, 9) and default_locations(16) == (4, 8, 12)
+    assert default_locations(20) == (5, 10, 15)
     assert get_method_class("evit").option_defaults()["fuse"] is True
 
 

@@ -83,7 +83,8 @@ class EViT(PruningMethod):
     Args:
         keep_rate: kept fraction of the **current** patch tokens at each location,
             ``k = ceil(keep_rate * n)``; a list gives one rate per location.
-        locations: 0-based blocks that reorganise (between their attention and MLP).
+        locations: 0-based blocks that reorganise (between their attention and MLP); default
+            depth/4, depth/2, 3 depth/4 ((3, 6, 9) on 12 blocks).
         fuse: fold the inattentive tokens into one extra token (their attention-weighted sum).
         tokens: kept patch tokens instead of a rate (an int, or one per location), as the official
             ``tokens`` option; it replaces ``keep_rate`` (then reported as ``None``), and a keep rate other
@@ -100,7 +101,7 @@ class EViT(PruningMethod):
     default_keep_rate = 0.7
 
     def __init__(self, info: ModelInfo, keep_rate: Optional[Union[float, Sequence[float]]] = 0.7,
-                 locations: Sequence[int] = (3, 6, 9), fuse: bool = True,
+                 locations: Optional[Sequence[int]] = None, fuse: bool = True,
                  tokens: Optional[Union[int, Sequence[int]]] = None) -> None:
         super().__init__(info)
         self._configure(keep_rate=keep_rate, locations=locations, fuse=fuse, tokens=tokens)
