@@ -94,10 +94,12 @@ class PruningMethod(ReductionMethod):
     squeeze: ClassVar[bool] = False
     strength = "keep_rate"
     sweep = (0.9, 0.7, 0.5)
+    #: the method can score and pool a model without a class token (average-token query, mean pooling)
+    scores_without_class_token: ClassVar[bool] = False
 
     def __init__(self, info: ModelInfo) -> None:
         super().__init__(info)
-        if not info.has_class_token:
+        if not info.has_class_token and not self.scores_without_class_token:
             raise OptionError(
                 f"method {self.name!r} needs a class token (its query scores the tokens and its head reads "
                 f"it); this model has none. Accepted: models with a class token (deit_*, vit_*), or use "

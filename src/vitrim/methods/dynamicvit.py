@@ -156,6 +156,7 @@ class DynamicViT(PruningMethod):
                 x, state = self._prune_masked(stage, index, x, state)
             else:
                 x, state = self._prune_gather(stage, index, x, state)
+            block = self.rebind(block, state)  # tokens moved before this block: its per-token inputs follow
         if state.policy is None:
             return block(x), state
         return masked_block_forward(block, x, state.policy), state
