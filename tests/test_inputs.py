@@ -351,3 +351,26 @@ def test_closed_pipe_is_quiet():
     err = proc.stderr.read().decode()
     proc.wait(timeout=120)
     assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+def test_solve_checks_the_device_before_measuring():
+    with pytest.raises(VitrimError, match="unknown device 'tpu'"):
+        vitrim.solve(small_vit(), "tome", target_speedup=1.5, device="tpu")
+
+
+def test_evaluate_refuses_a_missing_gpu_and_an_empty_loader():
+    from vitrim.train.evaluate import evaluate
+    model = small_vit()
+    if not torch.cuda.is_available():
+        with pytest.raises(VitrimError, match="CUDA is not available"):
+            evaluate(model, [], torch.device("cuda:0"))
+    with pytest.raises(VitrimError, match="no images"):
+        evaluate(model, [], torch.device("cpu"))
+
+
+def test_checkpoint_of_another_model_names_the_keys(tmp_path):
+    from vitrim.models import load_checkpoint
+    path = tmp_path / "other.pt"
+    torch.save({"encoder.weight": torch.zeros(3)}, path)
+    with pytest.raises(VitrimError, match=r"weights are missing .*not the model's \(encoder.weight\)"):
+        load_checkpoint(small_vit(), str(path))

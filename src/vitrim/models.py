@@ -124,6 +124,18 @@ def load_checkpoint(model: nn.Module, checkpoint: str | Mapping[str, torch.Tenso
         state = dict(checkpoint)
     if ignore_prefix:
         state = {k: v for k, v in state.items() if not k.startswith(ignore_prefix)}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        def few(keys: list) -> str:
+            return ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+        parts = ([f"{len(missing)} of the model's {len(own)} weights are missing ({few(missing)})"] if missing else []) \
+            + ([f"{len(unexpected)} weights are not the model's ({few(unexpected)})"] if unexpected else [])
+        hint = " (a reduced model's file? its method's parts are the 'vitrim.' keys: apply the method first)" \
+            if any(k.startswith("vitrim.") for k in unexpected) else ""
+        raise VitrimError(f"checkpoint {path!r} does not fit {type(model).__name__}: {'; '.join(parts)}{hint}; "
+                          f"is it the weights of another architecture?")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .adapters import attach, bind, get_adapter, is_reduced, resolve_img_size
+from .checks import positive_int, resolve_device
 from .errors import OptionError
 from .measure.bench import benchmark
 from .methods.base import get_method_class
@@ -134,7 +135,7 @@ def _solve_speedup(model: nn.Module, cands: list[Candidate], method: str, target
                    batch_size: int, device: Optional[str], img_size: Optional[int], repeats: int) -> Candidate:
     if target < 1.0:
         raise OptionError(f"target_speedup={target} is below 1 (the unreduced model); accepted: >= 1")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     h, w = _img_size(model, img_size)
     model = model.to(dev).eval()
     measured: dict[int, float] = {}
@@ -195,6 +196,10 @@ def solve(model: nn.Module, method: str, *, target_gmacs: Optional[float] = None
     target = target_gmacs if target_gmacs is not None else target_speedup
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not target > 0:
         raise OptionError(f"the budget must be a positive number, got {target!r}")
+    if target_speedup is not None:  # the measurement's settings, checked before any candidate is built
+        device = resolve_device(device)
+        positive_int(batch_size, "batch_size")
+        positive_int(repeats, "repeats")
     cands = candidates(model, method, img_size, **fixed)
     if target_gmacs is not None:
         best = _solve_gmacs(cands, _unreduced_gmacs(model, img_size), float(target_gmacs),

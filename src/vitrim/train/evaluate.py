@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..checks import resolve_device
 from ..errors import VitrimError
 from ..progress import Progress
 
@@ -35,6 +36,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = False, 
     file or a pipe. ``all_reduce=True`` sums the counts over the process group: every rank must then call
     this with its own shard of the data. Leave it False when one rank evaluates the whole split.
     """
+    device = resolve_device(device)  # a missing GPU is said here, not by the first tensor moved
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, n, loss sum
     seconds = 0.0
@@ -65,6 +67,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = False, 
         totals[3] += nn.functional.cross_entropy(logits, targets, reduction="sum")
     if all_reduce and dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)
+    if totals[2].item() == 0:
+        raise VitrimError("nothing to evaluate: the data loader gave no images (an empty folder or split?)")
     n = max(totals[2].item(), 1)
     return EvalResult(top1=100 * totals[0].item() / n, top5=100 * totals[1].item() / n, images=int(totals[2].item()),
                       img_per_s=totals[2].item() / max(seconds, 1e-9), loss=totals[3].item() / n)
