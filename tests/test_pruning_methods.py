@@ -8,6 +8,7 @@ import timm
 import torch
 
 import vitrim
+from vitrim.methods.base import get_method_class
 from vitrim.errors import OptionError
 from vitrim.losses import final_keep_mask, keep_ratio_loss, pruning_decisions
 from vitrim.methods._pruning import prune_records
@@ -251,8 +252,9 @@ def test_distilled_deit_works(method):
     assert cls_out.shape == dist_out.shape == (3, 10)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [m for m in METHODS if not get_method_class(m).scores_without_class_token])
 def test_models_without_class_token_are_refused(method):
+    """EViT and eTPS score with the average token's query instead (tests/test_cls_free.py)."""
     with pytest.raises(OptionError, match="needs a class token"):
         vitrim.apply(vit(class_token=False, global_pool="avg"), method)
 
@@ -367,7 +369,10 @@ def test_defaults_are_the_papers():
     from vitrim.methods import get_method_class
     for name in METHODS:
         defaults = get_method_class(name).option_defaults()
-        assert defaults["keep_rate"] == 0.7 and defaults["locations"] == (3, 6, 9)
+        assert defaults["keep_rate"] == 0.7 and defaults["locations"] is None  # the depth rule below
+    from vitrim.methods._pruning import default_locations
+    assert default_locations(12) == (3, 6, 9) and default_locations(16) == (4, 8, 12)
+    assert default_locations(20) == (5, 10, 15)
     assert get_method_class("evit").option_defaults()["fuse"] is True
 
 

@@ -97,7 +97,7 @@ def state_dict_of(saved: Any, path: Optional[str] = None) -> dict[str, torch.Ten
     """The model weights in what timm, vitrim or ``torch.save(model.state_dict())`` wrote, without a
     DDP ``module.`` prefix."""
     state = saved
-    for key in ("model", "state_dict", "model_ema"):
+    for key in ("model", "state_dict", "model_ema", "state_dict_ema"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
             break

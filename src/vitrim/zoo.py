@@ -45,3 +45,4 @@ def vitrim_vit_digits(pretrained: bool = False, **kwargs) -> VisionTransformer:
     if pretrained and not EMBEDDED_CHECKPOINT.is_file():
         raise FileNotFoundError(f"the embedded checkpoint {EMBEDDED_CHECKPOINT} is missing from this install")
     return build_model_with_cfg(VisionTransformer, "vitrim_vit_digits", pretrained, **dict(args, **kwargs))
+from . import lvvit as _lvvit  # noqa: F401,E402  (registers the LV-ViT models)

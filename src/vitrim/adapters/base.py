@@ -59,7 +59,9 @@ def register_adapter(cls: type["Adapter"]) -> type["Adapter"]:
     if not (isinstance(cls, type) and issubclass(cls, Adapter)):
         raise TypeError(f"register_adapter decorates Adapter subclasses, got {cls!r}")
     if cls not in _ADAPTERS:
-        _ADAPTERS.append(cls)
+        # a subclass of a registered adapter is asked first: its models are also its parent's
+        parents = [i for i, a in enumerate(_ADAPTERS) if issubclass(cls, a)]
+        _ADAPTERS.insert(parents[0], cls) if parents else _ADAPTERS.append(cls)
     return cls
 
 
@@ -199,6 +201,13 @@ class Adapter(ABC):
     def cost_plan(self, img_size: ImgSize, method: Optional[ReductionMethod] = None) -> CostPlan:
         """Analytic MACs at batch 1 for an input of ``img_size`` under ``method`` (installed or not;
         ``None``: unreduced), in the papers' convention (``vitrim.measure.flops``)."""
+
+    def paper_gmacs(self, img_size: ImgSize, method: Optional[ReductionMethod] = None) -> float:
+        """GMACs in a family's own publication convention, where it differs from :meth:`cost_plan`'s
+        (``vitrim flops --convention paper``); families without one refuse."""
+        from ..errors import OptionError
+        raise OptionError(f"{self.label or self.family} has no separate publication FLOPs convention; "
+                          f"the protocol convention (the default) is the one its papers use")
 
     # ------------------------------------------------------------------ install
     @classmethod

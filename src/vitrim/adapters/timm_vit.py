@@ -57,6 +57,23 @@ class TimmViTAdapter(Adapter):
                     f"whose feature forward is timm's own (deit_*, deit_*_distilled, vit_*), so it cannot "
                     f"keep {name}'s behaviour. Accepted: timm VisionTransformer and subclasses that only "
                     f"override _pos_embed/forward_head (e.g. VisionTransformerDistilled).")
+        cls.check_patch_embed(model)
+        for i, block in enumerate(model.blocks):
+            if not runs_own_forward(block, TimmBlock):
+                raise UnsupportedModelError(
+                    f"{name}.blocks[{i}] is a {type(block).__name__}; vitrim supports timm's "
+                    f"vision_transformer.Block (pre-norm: attention, LayerScale, drop_path, MLP). "
+                    f"Blocks such as ResPostBlock or ParallelScalingBlock are not supported.")
+            attn = block.attn
+            if not runs_own_forward(attn, TimmAttention):
+                raise UnsupportedModelError(
+                    f"{name}.blocks[{i}].attn is a {type(attn).__name__}; vitrim supports timm.layers.Attention "
+                    f"(fused or explicit, qk-norm, scale-norm, gate). RoPE or other attention is not supported.")
+
+    @classmethod
+    def check_patch_embed(cls, model: nn.Module) -> None:
+        """The patch embedding is timm's PatchEmbed: one convolution, kernel = stride = patch size."""
+        name = type(model).__name__
         pe = model.patch_embed
         if not runs_own_forward(pe, TimmPatchEmbed) or not isinstance(pe.proj, nn.Conv2d) \
                 or tuple(pe.proj.kernel_size) != tuple(pe.patch_size) or tuple(pe.proj.stride) != tuple(pe.patch_size):
@@ -69,17 +86,6 @@ class TimmViTAdapter(Adapter):
         if pe.num_patches != pe.grid_size[0] * pe.grid_size[1]:
             raise UnsupportedModelError(f"{name}.patch_embed reports {pe.num_patches} patches for a "
                                         f"{pe.grid_size[0]}x{pe.grid_size[1]} grid; vitrim cannot count its tokens")
-        for i, block in enumerate(model.blocks):
-            if not runs_own_forward(block, TimmBlock):
-                raise UnsupportedModelError(
-                    f"{name}.blocks[{i}] is a {type(block).__name__}; vitrim supports timm's "
-                    f"vision_transformer.Block (pre-norm: attention, LayerScale, drop_path, MLP). "
-                    f"Blocks such as ResPostBlock or ParallelScalingBlock are not supported.")
-            attn = block.attn
-            if not runs_own_forward(attn, TimmAttention):
-                raise UnsupportedModelError(
-                    f"{name}.blocks[{i}].attn is a {type(attn).__name__}; vitrim supports timm.layers.Attention "
-                    f"(fused or explicit, qk-norm, scale-norm, gate). RoPE or other attention is not supported.")
 
     # ------------------------------------------------------------------ facts
     def info(self) -> ModelInfo:

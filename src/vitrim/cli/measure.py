@@ -40,6 +40,9 @@ def add_measure_parsers(sub: argparse._SubParsersAction) -> None:
                        description="Analytic GMACs in the papers' convention (MACs, batch 1), per block.")
     add_model_args(p)
     p.add_argument("--traced", action="store_true", help="also count with torch's FlopCounterMode")
+    p.add_argument("--convention", choices=["protocol", "paper"], default="protocol",
+                   help="protocol (default): vitrim's analytic count; paper: also the model family's own "
+                        "publication convention where it has one (LV-ViT; inferred)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_flops)
 
@@ -114,6 +117,12 @@ def cmd_flops(args: argparse.Namespace) -> int:
     size = args.img_size
     report = flops_report(model, size)
     out: dict[str, Any] = {"reduced": report.to_dict(), "unreduced_gmacs": flops(base, size)}
+    if args.convention == "paper":
+        from ..adapters import get_adapter, resolve_img_size
+        hw = resolve_img_size(model, size)
+        method = getattr(model, "vitrim", None)
+        out["paper_gmacs"] = get_adapter(model).paper_gmacs(hw, method)
+        out["unreduced_paper_gmacs"] = get_adapter(base).paper_gmacs(hw)
     if args.traced:
         g, detail = traced_flops(model, size, detail=True)
         out["traced_gmacs"], out["traced_detail"] = g, detail
@@ -122,6 +131,9 @@ def cmd_flops(args: argparse.Namespace) -> int:
         return 0
     print(report.table())
     print(f"unreduced {out['unreduced_gmacs']:.3f} GMACs  ratio {out['unreduced_gmacs'] / report.gmacs:.2f}x")
+    if "paper_gmacs" in out:
+        print(f"paper convention [inferred] {out['paper_gmacs']:.3f} GMACs (unreduced {out['unreduced_paper_gmacs']:.3f}; "
+              f"no heads, no predictors: the published DynamicViT figures exclude them)")
     if args.traced:
         print(f"traced (FlopCounterMode / 2) {out['traced_gmacs']:.3f} GMACs"
               + ("  [SDPA not counted by this torch: re-counted with explicit attention]"

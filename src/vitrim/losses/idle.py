@@ -92,15 +92,29 @@ def idle_cut_loss(state_or_records, layers: str = "all", kind: str = "both",
     return sum(token_cut_loss(r.logits, r.mask, kind) for r in used) / n
 
 
-def idle_feature_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
-    """Feature distillation: MSE between L2-normalised (over channels) student and teacher features.
+def idle_feature_loss(student_features: torch.Tensor, teacher_features: torch.Tensor,
+                      mask: Optional[torch.Tensor] = None, normalize: str = "channels") -> torch.Tensor:
+    """Feature distillation: MSE between L2-normalised student and teacher features.
 
     Args:
         student_features, teacher_features: ``[B, C]`` (DeiT: the class token after the final norm)
-            or ``[B, T, C]``; the teacher is detached. Averaged over all elements.
+            or ``[B, T, C]`` (LV-ViT: the whole final token map); the teacher is detached. Averaged
+            over all elements.
+        mask: ``[B, T, 1]`` applied to both before normalising (LV-ViT: the last idle layer's
+            selection, class token 1); ``None``: no mask.
+        normalize: ``"channels"`` (each token over its channels) or ``"tokens"`` (each channel over
+            the token axis, as the official LV-ViT code does; ``[B, T, C]`` only).
     """
-    s = F.normalize(student_features, dim=-1)
-    t = F.normalize(teacher_features.detach(), dim=-1)
+    if normalize not in ("channels", "tokens"):
+        raise ValueError(f"normalize must be 'channels' or 'tokens', got {normalize!r}")
+    if normalize == "tokens" and student_features.dim() != 3:
+        raise ValueError("normalize='tokens' needs [B, T, C] features")
+    teacher_features = teacher_features.detach()
+    if mask is not None:
+        student_features, teacher_features = student_features * mask, teacher_features * mask
+    dim = -1 if normalize == "channels" else 1
+    s = F.normalize(student_features, dim=dim)
+    t = F.normalize(teacher_features, dim=dim)
     return F.mse_loss(s, t)
 
 

@@ -24,8 +24,17 @@ __all__ = ["PruneRecord", "PruningMethod", "parse_locations", "parse_keep_rate",
 Rates = Union[float, Sequence[float]]
 
 
+def default_locations(depth: int) -> tuple[int, ...]:
+    """The papers' locations as a depth rule: blocks ``depth/4, 2 depth/4, 3 depth/4`` (rounded down):
+    (3, 6, 9) for 12 blocks (DeiT), (4, 8, 12) for 16 (LV-ViT-S), (5, 10, 15) for 20 (LV-ViT-M)."""
+    return tuple(sorted({depth // 4, depth // 2, 3 * depth // 4}))
+
+
 def parse_locations(locations: Any, depth: int) -> tuple[int, ...]:
-    """Validated 0-based block indices: a sorted sequence of distinct ints in ``[0, depth - 1]``."""
+    """Validated 0-based block indices: a sorted sequence of distinct ints in ``[0, depth - 1]``;
+    ``None``: :func:`default_locations`."""
+    if locations is None:
+        locations = default_locations(depth)
     accepted = (f"accepted: a strictly increasing sequence of distinct 0-based block indices in "
                 f"[0, {depth - 1}] (e.g. (3, 6, 9) or range(3, 12, 3)), or () for none")
     if is_int(locations):
@@ -85,10 +94,12 @@ class PruningMethod(ReductionMethod):
     squeeze: ClassVar[bool] = False
     strength = "keep_rate"
     sweep = (0.9, 0.7, 0.5)
+    #: the method can score and pool a model without a class token (average-token query, mean pooling)
+    scores_without_class_token: ClassVar[bool] = False
 
     def __init__(self, info: ModelInfo) -> None:
         super().__init__(info)
-        if not info.has_class_token:
+        if not info.has_class_token and not self.scores_without_class_token:
             raise OptionError(
                 f"method {self.name!r} needs a class token (its query scores the tokens and its head reads "
                 f"it); this model has none. Accepted: models with a class token (deit_*, vit_*), or use "

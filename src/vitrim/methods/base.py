@@ -310,6 +310,14 @@ class ReductionMethod(nn.Module):
         """
         raise NotImplementedError
 
+    @staticmethod
+    def rebind(block: Any, state: ForwardState) -> Any:
+        """``block`` bound to the tokens ``state`` describes, for a method that moves tokens *before*
+        calling the block (families whose blocks need per-token inputs, e.g. rope rows, rebind them
+        through the block's ``at(state)``; for the others ``block`` itself)."""
+        at = getattr(block, "at", None)
+        return at(state) if callable(at) else block
+
     def finish(self, state: ForwardState) -> None:
         """Called once after the last block (e.g. to expose provenance to the user)."""
 

@@ -97,7 +97,8 @@ class DynamicViT(PruningMethod):
         keep_rate: base ratio ``rho``: stage ``s`` keeps ``int(N0 * rho^s)`` patch tokens of the
             ``N0`` at the input; a list gives the per-stage ratios of ``N0`` directly
             (non-increasing).
-        locations: 0-based blocks **before** which a predictor prunes. One predictor per
+        locations: 0-based blocks **before** which a predictor prunes (default: depth/4, depth/2,
+            3 depth/4, i.e. (3, 6, 9) on 12 blocks, (4, 8, 12) on 16). One predictor per
             location; changing the number of locations needs a new ``apply``.
 
     Training (``model.train()``, read from the blocks' mode) uses the masked fixed-shape form
@@ -106,7 +107,7 @@ class DynamicViT(PruningMethod):
 
     name = "dynamicvit"
     order = 50
-    summary = "DynamicViT: learned predictors drop tokens before blocks 3, 6, 9 (needs fine-tuning)"
+    summary = "DynamicViT: learned predictors drop tokens before blocks at 1/4, 1/2 and 3/4 of the depth (needs fine-tuning)"
     cumulative_rates = True
     pools_with_weights = True  # the masked training form pools over live tokens
     supported_pools = ("token", "avg", "")  # masked training pools over alive tokens; max would see dead ones
@@ -118,7 +119,7 @@ class DynamicViT(PruningMethod):
     token_distillation_mode: ClassVar[str] = "mse"
 
     def __init__(self, info: ModelInfo, keep_rate: Union[float, Sequence[float]] = 0.7,
-                 locations: Sequence[int] = (3, 6, 9)) -> None:
+                 locations: Optional[Sequence[int]] = None) -> None:
         super().__init__(info)
         self._configure(keep_rate=keep_rate, locations=locations)
         self.predictors = nn.ModuleList(ScorePredictor(info.embed_dim) for _ in self.locations)
@@ -155,6 +156,7 @@ class DynamicViT(PruningMethod):
                 x, state = self._prune_masked(stage, index, x, state)
             else:
                 x, state = self._prune_gather(stage, index, x, state)
+            block = self.rebind(block, state)  # tokens moved before this block: its per-token inputs follow
         if state.policy is None:
             return block(x), state
         return masked_block_forward(block, x, state.policy), state

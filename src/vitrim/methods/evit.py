@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import OptionError, VitrimError
-from ..ops.attention import class_attention_logits
+from ..ops.attention import class_attention_logits, mean_query_logits
 from ..ops.prune import class_attention_probs, fused_token, gather_tokens, keep_count_current, rank_tokens
 from ..state import ForwardState
 from ._pruning import PruningMethod, attention_residual, mlp_residual
@@ -57,13 +57,19 @@ def keep_rate_schedule(iteration: int, iters_per_epoch: int, keep_rate: float,
     return keep_rate + (1.0 - keep_rate) * (1.0 + math.cos(math.pi * t / total)) / 2.0
 
 
-def class_attention(block: nn.Module, x_normed: torch.Tensor, keys: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+def class_attention(block: nn.Module, x_normed: torch.Tensor, keys: torch.Tensor, num_prefix_tokens: int,
+                    has_class_token: bool = True) -> torch.Tensor:
     """Head-mean post-softmax attention of the class query to each patch token: ``[B, n]``.
 
     Softmax over all keys (prefix included), then the patch columns; the block's attention
-    dropout applies in training, as in the official code.
+    dropout applies in training, as in the official code. Without a class token: the average patch
+    token's query (``ops.attention.mean_query_logits``), softmax over the patch tokens [vitrim extension].
     """
     attn = block.attn
+    if num_prefix_tokens == 0 or not has_class_token:
+        # no class token: the average patch token's query, softmax over the patch tokens [vitrim extension]
+        logits = mean_query_logits(attn, x_normed, keys, num_prefix_tokens)    # [B, H, n]
+        return logits.softmax(dim=-1).mean(dim=1)
     logits = class_attention_logits(attn, x_normed, keys)                      # [B, H, T]
     if attn.training and attn.attn_drop.p > 0:
         return attn.attn_drop(logits.softmax(dim=-1)).mean(dim=1)[:, num_prefix_tokens:]
@@ -77,7 +83,8 @@ class EViT(PruningMethod):
     Args:
         keep_rate: kept fraction of the **current** patch tokens at each location,
             ``k = ceil(keep_rate * n)``; a list gives one rate per location.
-        locations: 0-based blocks that reorganise (between their attention and MLP).
+        locations: 0-based blocks that reorganise (between their attention and MLP); default
+            depth/4, depth/2, 3 depth/4 ((3, 6, 9) on 12 blocks).
         fuse: fold the inattentive tokens into one extra token (their attention-weighted sum).
         tokens: kept patch tokens instead of a rate (an int, or one per location), as the official
             ``tokens`` option; it replaces ``keep_rate`` (then reported as ``None``), and a keep rate other
@@ -85,6 +92,7 @@ class EViT(PruningMethod):
     """
 
     name = "evit"
+    scores_without_class_token = True  # average-token query [vitrim extension]
     order = 20
     summary = "EViT: keep the tokens the class token attends to most, fuse the rest into one token (off the shelf)"
     color = "tab:orange"
@@ -93,7 +101,7 @@ class EViT(PruningMethod):
     default_keep_rate = 0.7
 
     def __init__(self, info: ModelInfo, keep_rate: Optional[Union[float, Sequence[float]]] = 0.7,
-                 locations: Sequence[int] = (3, 6, 9), fuse: bool = True,
+                 locations: Optional[Sequence[int]] = None, fuse: bool = True,
                  tokens: Optional[Union[int, Sequence[int]]] = None) -> None:
         super().__init__(info)
         self._configure(keep_rate=keep_rate, locations=locations, fuse=fuse, tokens=tokens)
@@ -169,7 +177,7 @@ class EViT(PruningMethod):
         if k >= n:
             return block(x), state  # nothing to drop: the block's own forward (bit-identical)
         x, x_normed, keys = attention_residual(block, x)
-        scores = class_attention(block, x_normed, keys, prefix)                # [B, n]
+        scores = class_attention(block, x_normed, keys, prefix, self.info.has_class_token)  # [B, n]
         keep_index, rest_index = rank_tokens(scores, k)
         x, hosts = self._reorganise(x, keep_index, rest_index, scores, prefix)
         state = self._record(state, index, stage, k, index=keep_index, scores=scores,

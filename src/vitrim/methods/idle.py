@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import OptionError
+from ..errors import OptionError, UnsupportedModelError
 from ..losses.idle import idle_cut_loss, idle_feature_loss
 from ..ops.idle import (IdleRecord, idle_block_gather, idle_block_train, keep_count, pvt_idle_block_gather,
                         pvt_idle_block_masked)
@@ -77,13 +77,21 @@ class IdleViT(ReductionMethod):
     def __init__(self, info: ModelInfo, keep_rate: float = 0.7,
                  layers: Optional[Sequence[int]] = None) -> None:
         super().__init__(info)
-        if isinstance(keep_rate, bool) or not isinstance(keep_rate, (int, float)) or not 0.0 < keep_rate <= 1.0:
+        stage_rates = self._stage_rates(keep_rate, info)  # pyramids: one rate per stage [vitrim extension]
+        if stage_rates is not None:
+            keep_rate = min(stage_rates)
+            if layers is None:  # the blocks of the stages whose rate is < 1
+                starts = np.cumsum((0,) + tuple(info.stage_depths))
+                layers = [i for s, r in enumerate(stage_rates) if r < 1 for i in range(starts[s], starts[s + 1])]
+                layers = layers or None
+        elif isinstance(keep_rate, bool) or not isinstance(keep_rate, (int, float)) or not 0.0 < keep_rate <= 1.0:
             raise OptionError(f"keep_rate must be a number in (0, 1], got {keep_rate!r}; accepted: "
                               f"0 < keep_rate <= 1 (e.g. 0.7; 1 = the unmodified model)")
         if not info.stage_depths and (info.num_prefix_tokens == 0 or not info.has_class_token):
             raise OptionError("idle needs a class token: IdleViT ranks tokens by the class query's attention "
                               "logits; accepted: timm ViTs with a class token (deit_*, vit_* with class_token=True)")
         self.keep_rate = float(keep_rate)
+        self.stage_rates = stage_rates
         self.layers = self._check_layers(layers, info)
         if not info.stage_depths:
             empty = [i for i, k in enumerate(self.keep_counts()) if k == 0]
@@ -93,6 +101,25 @@ class IdleViT(ReductionMethod):
                 raise OptionError(f"keep_rate={keep_rate!r} leaves no patch token computed in idle layers {empty} "
                                   f"(floor({info.num_patches} * {keep_rate}^s) = 0); accepted: keep_rate >= "
                                   f"{math.ceil(smallest * 1000) / 1000} on this model")
+
+    def options(self) -> dict[str, Any]:
+        out = super().options()
+        if self.stage_rates is not None:
+            out["keep_rate"] = self.stage_rates
+        return out
+
+    @staticmethod
+    def _stage_rates(keep_rate, info: ModelInfo) -> Optional[tuple[float, ...]]:
+        """One keep rate per stage of a pyramid model, or ``None`` when ``keep_rate`` is a number."""
+        if not isinstance(keep_rate, (list, tuple)):
+            return None
+        n = len(info.stage_depths)
+        ok = n > 0 and len(keep_rate) == n and all(
+            not isinstance(r, bool) and isinstance(r, (int, float)) and 0.0 < r <= 1.0 for r in keep_rate)
+        if not ok:
+            raise OptionError(f"keep_rate must be a number in (0, 1] or, on pyramid models, one such number per "
+                              f"stage ({n} stages here), got {keep_rate!r}")
+        return tuple(float(r) for r in keep_rate)
 
     @staticmethod
     def _check_layers(layers, info: ModelInfo) -> tuple[int, ...]:
@@ -134,7 +161,8 @@ class IdleViT(ReductionMethod):
         s = self._exponent.get(index)
         if s is None:
             return None
-        k = keep_count(num_patches, self.keep_rate, s)
+        rate = self.keep_rate if self.stage_rates is None else self.stage_rates[self.info.stage_of(index)]
+        k = keep_count(num_patches, rate, s)
         return None if k >= num_patches else k
 
     def keep_counts(self, num_patches: Optional[int] = None) -> list[Optional[int]]:
@@ -146,16 +174,22 @@ class IdleViT(ReductionMethod):
     # ------------------------------------------------------------------ forward
     def block_forward(self, block: nn.Module, index: int, x: torch.Tensor,
                       state: ForwardState) -> tuple[torch.Tensor, ForwardState]:
-        keep = self.keep(index, state.num_patches)
+        # a family that selects per unit (Swin: per window of M slots) hands its own idle forms
+        forms = getattr(block, "idle_forms", None)
+        keep = self.keep(index, getattr(block, "idle_slots", None) or state.num_patches)
         if keep is None:
             return block(x), state  # the model's own forward: bit-identical
+        if forms is not None:
+            stage_grid = tuple(x.shape[1:3])  # these blocks take the [B, H, W, C] map
+            x, idx, mask = forms[1](x, keep) if block.training else forms[0](x, keep)
+            return x, state.add_record(IdleRecord(index, keep, idx, mask, grid=stage_grid))
         feat_size = getattr(block, "feat_size", None)  # a pyramid block: its H x W map stays complete
         if feat_size is not None:
             if block.training:
                 x, idx, mask = pvt_idle_block_masked(block, x, keep, feat_size)
-                return x, state.add_record(IdleRecord(index, keep, idx, mask))
+                return x, state.add_record(IdleRecord(index, keep, idx, mask, grid=tuple(feat_size)))
             x, idx = pvt_idle_block_gather(block, x, keep, feat_size)
-            return x, state.add_record(IdleRecord(index, keep, idx))
+            return x, state.add_record(IdleRecord(index, keep, idx, grid=tuple(feat_size)))
         p = state.num_prefix_tokens
         if block.training:
             # the masked form's loss and gradients, computing idle rows' queries and keys only
@@ -209,10 +243,20 @@ class IdleViT(ReductionMethod):
             if layers is not None and rec.layer not in layers:
                 continue
             idx = rec.index[0].cpu().numpy()
-            status = np.ones(grid[0] * grid[1], dtype=np.int64)
+            own = tuple(rec.grid) if rec.grid is not None else tuple(grid)  # a pyramid stage counts on its own map
+            status = np.ones(own[0] * own[1], dtype=np.int64)
             status[idx[idx >= p] - p] = 0
-            maps.append(TokenMap(f"block {rec.layer}: {int((status == 0).sum())} computed, "
-                                 f"{int(status.sum())} idle", state=status.reshape(grid), block=rec.layer))
+            computed, idle = int((status == 0).sum()), int(status.sum())
+            label = f"block {rec.layer}: {computed} computed, {idle} idle"
+            status = status.reshape(own)
+            if own != tuple(grid):  # drawn on the input's patch grid: each stage token covers a square of patches
+                if grid[0] % own[0] or grid[1] % own[1]:
+                    raise UnsupportedModelError(f"cannot draw block {rec.layer}: its {own[0]}x{own[1]} token map "
+                                                f"does not tile the {grid[0]}x{grid[1]} patch grid (padded input); "
+                                                f"use an image size that is a multiple of the model's total stride")
+                status = np.kron(status, np.ones((grid[0] // own[0], grid[1] // own[1]), dtype=np.int64))
+                label = f"block {rec.layer} ({own[0]}x{own[1]}): {computed} in, {idle} idle"
+            maps.append(TokenMap(label, state=status, block=rec.layer))
         return maps
 
     def picture_legend(self) -> str:

@@ -18,6 +18,7 @@ from ..errors import OptionError, VitrimError
 from ..ops.attention import attention_with_key_bias, log_size_bias
 from ..ops.merge import bipartite_soft_matching, clamp_r, merge_source, merge_wavg
 from ..ops.provenance import source_owners
+from ..ops.rope import merge_positions
 from ..state import ForwardState
 from .base import BlockTokens, ModelInfo, ReductionMethod, TokenMap, is_int, register_method
 
@@ -73,6 +74,10 @@ class ToMe(ReductionMethod):
             attention); recommended for supervised models off the shelf, off for MAE.
         trace_source: track the ``[B, T, T0]`` provenance of every token; the last forward's
             map is then available as ``model.vitrim.source``.
+        position: on models whose blocks read token positions (rotary embeddings): ``"mean"``, a
+            merged token sits at the size-weighted mean of its patches' coordinates (its rotation is
+            recomputed there), or ``"keep"``, it keeps its destination token's position
+            [vitrim extension]. No effect on other models.
     """
 
     name = "tome"
@@ -86,8 +91,11 @@ class ToMe(ReductionMethod):
     sweep_fractions: tuple[float, ...] = (0.5, 0.8, 1.0)
 
     def __init__(self, info: ModelInfo, r: Optional[Schedule] = None, prop_attn: bool = True,
-                 trace_source: bool = False) -> None:
+                 trace_source: bool = False, position: str = "mean") -> None:
         super().__init__(info)
+        if position not in ("mean", "keep"):
+            raise OptionError(f"position must be 'mean' or 'keep', got {position!r}")
+        self.position = position
         for opt, val in (("prop_attn", prop_attn), ("trace_source", trace_source)):
             if not isinstance(val, bool):
                 raise OptionError(f"{opt} must be True or False, got {val!r}")
@@ -131,6 +139,9 @@ class ToMe(ReductionMethod):
             decision = bipartite_soft_matching(metric, r, state.num_prefix_tokens)
             if self.trace_source:
                 source = merge_source(decision, x, source)
+            if state.positions is not None:  # rotary models: positions follow the merge (docs/methods/tome.md)
+                state = state.replace(positions=merge_positions(decision, state.positions, size,
+                                                                state.num_prefix_tokens, self.position))
             x, size = merge_wavg(decision, x, size)
         x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
         return x, state.replace(size=size, source=source)

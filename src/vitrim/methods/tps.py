@@ -64,7 +64,7 @@ class ETPS(EViT):
     loss_weights = {"kd": 0.5}
 
     def __init__(self, info: ModelInfo, keep_rate: Union[float, Sequence[float]] = 0.7,
-                 locations: Sequence[int] = (3, 6, 9)) -> None:
+                 locations: Optional[Sequence[int]] = None) -> None:
         super().__init__(info, keep_rate=keep_rate, locations=locations, fuse=False)
 
     def _configure(self, keep_rate: Any, locations: Any, fuse: Any = False, tokens: Any = None) -> None:

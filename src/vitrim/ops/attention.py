@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["qkv_part", "split_qkv", "attend", "project", "attention_with_key_bias", "log_size_bias",
-           "class_attention_logits", "class_attention_scores"]
+           "class_attention_logits", "class_attention_scores",
+           "mean_query_logits"]
 
 
 def qkv_part(attn: nn.Module, part: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -139,3 +140,24 @@ def class_attention_scores(attn: nn.Module, x: torch.Tensor, k: Optional[torch.T
     prefix columns). Equal to row 0 of the full attention map averaged over heads.
     """
     return class_attention_logits(attn, x, k).softmax(dim=-1).mean(dim=1)
+
+
+def mean_query_logits(attn: nn.Module, x: torch.Tensor, k: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """Logits of the **average patch token's** query against the patch keys, per head (the score of
+    models without a class token [vitrim extension]).
+
+    ``q_bar = W_q . mean_j(z_j) + b_q`` over the patch rows ``z_j`` of ``x`` (after ``q_norm``, no rotation),
+    ``logit_j = <q_bar, k_j> * scale`` with the model's own keys.
+
+    Args:
+        x: ``[B, P + n, C]`` normalised tokens (the block's ``norm1`` output).
+        k: ``[B, H, P + n, d]`` the keys the attention used (after ``k_norm`` and any rotation).
+
+    Returns:
+        ``[B, H, n]``.
+    """
+    B = x.shape[0]
+    p = num_prefix_tokens
+    q = F.linear(x[:, p:].mean(dim=1), *qkv_part(attn, 0)).reshape(B, attn.num_heads, 1, attn.head_dim)
+    q = attn.q_norm(q)
+    return ((q * attn.scale) @ k[:, :, p:].transpose(-2, -1))[:, :, 0]

@@ -52,6 +52,7 @@ class IdleRecord:
         keep: ``K``, patch tokens computed (prefix tokens come on top).
         index: ``[B, S]`` positions of the computed rows (prefix first, then the top-K, unsorted).
         mask: ``[B, T]`` bool, True for computed rows; masked (training) form only.
+        grid: ``(H, W)`` of the stage's token map on pyramid models (``index`` counts on it), else ``None``.
         logits: ``[B, T, T]`` head-mean of the scaled, unmasked attention logits (cut loss input);
             masked form of class-token ViTs only.
     """
@@ -61,6 +62,7 @@ class IdleRecord:
     index: torch.Tensor
     mask: Optional[torch.Tensor] = None
     logits: Optional[torch.Tensor] = None
+    grid: Optional[tuple[int, int]] = None  # pyramid models: the stage's own H x W map ``index`` refers to
 
 
 def keep_count(num_patches: int, keep_rate: float, exponent: int) -> int:
