@@ -184,7 +184,9 @@ def test_train_reduced_then_eval(small_data, tmp_path, capsys):
     assert main(argv) == 0
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"ce", "kd", "loss"} <= set(row["train"])
-    capsys.readouterr()
+    assert row["unreduced_train_img_per_s"] > 0 and row["train_img_per_s"] > 0  # measured once at start-up
+    log = capsys.readouterr().out
+    assert "unreduced model:" in log and "img/s" in log and "(unreduced " in log
     assert main(["eval", "--checkpoint", str(out / "best.pt"), "--data", str(small_data), "--json",
                  "--workers", "0"]) == 0
     res = json.loads(capsys.readouterr().out)["results"]

@@ -3,17 +3,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import types
 from typing import Any
 
 import torch
 
 from ..api import flops, flops_report, traced_flops
 from ..checks import non_negative_int, positive_int
-from ..measure.bench import benchmark
+from ..measure.bench import benchmark, benchmark_training
 from ..progress import Progress
 from .common import add_model_args, build_models, device_of, input_hw, label
 
-__all__ = ["add_measure_parsers", "cmd_bench", "cmd_flops"]
+__all__ = ["add_measure_parsers", "cmd_bench", "cmd_flops", "training_loss"]
 
 
 def add_measure_parsers(sub: argparse._SubParsersAction) -> None:
@@ -22,10 +23,13 @@ def add_measure_parsers(sub: argparse._SubParsersAction) -> None:
                                    "side (warm-up, interleaved repetitions), and the speed-up ratio.")
     add_model_args(p)
     p.add_argument("--batch-size", type=int, nargs="+", default=[32], help="one or more batch sizes (default: 32)")
-    p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"],
-                   help="fp32 and/or autocast bf16/fp16 (default: fp32)")
+    p.add_argument("--precision", nargs="+", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="fp32 and/or autocast bf16/fp16 (default: fp32; with --train on CUDA: fp16, AMP)")
+    p.add_argument("--train", action="store_true",
+                   help="time the training step (forward in training mode, cross-entropy plus the method's own "
+                        "loss terms, backward, AdamW step) instead of inference")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed forwards per model (default: 3)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed forwards (or steps) per model (default: 3)")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions; the median is reported (default: 5)")
     p.add_argument("--iters", type=int, default=3, help="forwards per repetition (default: 3)")
     p.add_argument("--compile", action="store_true", help="torch.compile both models first")
@@ -58,16 +62,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
         gm[name] = flops(reduced, args.img_size)
     if args.compile:
         models = {k: torch.compile(v) for k, v in models.items()}
+    precisions = args.precision or (["fp16"] if args.train and device.type == "cuda" else ["fp32"])
     h, w = input_hw(base, args.img_size)
     results = []
-    total = len(args.batch_size) * len(args.precision) * args.repeats
+    total = len(args.batch_size) * len(precisions) * args.repeats
+    loss_fns = {name: training_loss for name in models}
     with Progress(total=total, desc="bench", enabled=not args.json, every=10.0) as bar:
-        for precision in args.precision:
+        for precision in precisions:
             for bs in args.batch_size:
                 bar.set_postfix_str(f"batch {bs}, {precision}")
-                res = benchmark(models, batch_size=bs, input_size=(3, h, w), device=device, precision=precision,
-                                warmup=args.warmup, repeats=args.repeats, iters=args.iters, compiled=args.compile,
-                                gmacs=gm, progress=lambda _: bar.update(1))
+                common = dict(batch_size=bs, input_size=(3, h, w), device=device, precision=precision,
+                              warmup=args.warmup, repeats=args.repeats, iters=args.iters, compiled=args.compile,
+                              gmacs=gm, progress=lambda _: bar.update(1))
+                if args.train:
+                    res = benchmark_training(models, num_classes=max(1, int(getattr(base, "num_classes", 0) or 1)),
+                                             loss_fns=loss_fns, **common)
+                else:
+                    res = benchmark(models, **common)
                 results.append(res)
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
@@ -78,6 +89,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 flops_ratio = r.timings[0].gmacs / r.timings[1].gmacs
                 print(f"FLOPs ratio {flops_ratio:.2f}x, measured speed-up {r.timings[1].speedup:.2f}x\n")
     return 0
+
+
+def training_loss(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy plus, for a reduced model, its method's own loss terms with the method's weights
+    (keep-ratio loss, token cut loss ...; the terms that need a teacher are left out, as is the teacher)."""
+    from ..api import get_method, is_reduced
+
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper: the reduced model's own methods
+    if not is_reduced(model):
+        logits = model(images)
+        terms: dict[str, torch.Tensor] = {}
+    else:
+        method = get_method(model)
+        tokens, state = model.forward_tokens(images)
+        logits = model.forward_head_with_state(tokens, state)
+        terms = method.loss_terms(state, tokens, None, dict(method.loss_weights), types.SimpleNamespace())
+    if isinstance(logits, (tuple, list)):  # distilled heads in training mode
+        logits = (logits[0] + logits[1]) / 2
+    loss = torch.nn.functional.cross_entropy(logits, targets)
+    return loss + sum(terms.values()) if terms else loss
 
 
 def cmd_flops(args: argparse.Namespace) -> int:

@@ -4,6 +4,10 @@ Every model gets the same input tensor, created once on the device; warm-up iter
 discarded; each repetition times ``iters`` forwards of every model in turn (interleaved, so
 drift in clock speed or load hits all models alike), synchronising before and after; the
 result is the median images/s over repetitions and the speed-up against the first model.
+
+:func:`benchmark_training` times the training step the same way: forward in training mode, the
+loss, backward and an AdamW step (fp16 autocast with a gradient scaler, or bf16 autocast, when asked
+for), each model with its own optimiser, on the same random images and labels.
 """
 from __future__ import annotations
 
@@ -18,7 +22,10 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-__all__ = ["BenchResult", "ModelTiming", "benchmark", "environment"]
+__all__ = ["BenchResult", "ModelTiming", "benchmark", "benchmark_training", "cross_entropy_loss", "environment",
+           "LossFn"]
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -47,6 +54,7 @@ class BenchResult:
     compiled: bool
     env: dict
     timings: list[ModelTiming]
+    mode: str = "inference"     # or "train": forward, loss, backward, optimiser step
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,10 +63,11 @@ class BenchResult:
         return json.dumps(self.to_dict(), indent=2)
 
     def table(self) -> str:
-        head = (f"batch {self.batch_size}, {self.precision}, {self.device} ({self.env.get('device_name')}), "
+        head = (f"{'training step' if self.mode == 'train' else 'inference'}, batch {self.batch_size}, {self.precision}, {self.device} ({self.env.get('device_name')}), "
                 f"sdpa={'on' if self.env.get('fused_attn') else 'off'}, compile={'on' if self.compiled else 'off'}, "
                 f"{self.repeats} reps x {self.iters} iters after {self.warmup} warm-up")
-        lines = [head, f"{'model':<36} {'GMACs':>7} {'img/s':>9} {'(min-max)':>17} {'ms/batch':>9} {'speedup':>8}"]
+        ms = "ms/step" if self.mode == "train" else "ms/batch"
+        lines = [head, f"{'model':<36} {'GMACs':>7} {'img/s':>9} {'(min-max)':>17} {ms:>9} {'speedup':>8}"]
         for t in self.timings:
             g = f"{t.gmacs:.3f}" if t.gmacs is not None else "-"
             lines.append(f"{t.name:<36} {g:>7} {t.img_per_s:>9.1f} {f'{t.img_per_s_min:.1f}-{t.img_per_s_max:.1f}':>17} "
@@ -145,6 +154,24 @@ def benchmark(
                 samples[name].append(time.perf_counter() - start)
             if progress is not None:
                 progress(f"repetition {rep + 1}/{repeats}")
+    return BenchResult(batch_size, precision, str(device), tuple(input_size), warmup, repeats, iters,
+                       compiled, environment(device), _timings(samples, batch_size, iters, gmacs))
+
+
+def _logits(out):
+    """A model's output as one logits tensor (distilled heads in training mode are averaged)."""
+    if isinstance(out, (tuple, list)):
+        return (out[0] + out[1]) / 2
+    return out
+
+
+def cross_entropy_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The default training loss: cross-entropy of ``model(images)``."""
+    return nn.functional.cross_entropy(_logits(model(images)), targets)
+
+
+def _timings(samples: dict[str, list[float]], batch_size: int, iters: int,
+             gmacs: Optional[dict[str, float]]) -> list[ModelTiming]:
     timings = []
     for name, secs in samples.items():
         rates = [batch_size * iters / s for s in secs]
@@ -155,5 +182,81 @@ def benchmark(
         ))
     for t in timings:
         t.speedup = t.img_per_s / timings[0].img_per_s
+    return timings
+
+
+def benchmark_training(
+        models: dict[str, nn.Module],
+        batch_size: int = 32,
+        input_size: tuple[int, ...] = (3, 224, 224),
+        num_classes: int = 1000,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        warmup: int = 2,
+        repeats: int = 5,
+        iters: int = 2,
+        compiled: bool = False,
+        gmacs: Optional[dict[str, float]] = None,
+        loss_fns: Optional[dict[str, LossFn]] = None,
+        lr: float = 1e-6,
+        progress: Optional[Callable[[str], None]] = None,
+) -> BenchResult:
+    """Time the training step of ``models`` side by side; the first one is the reference.
+
+    One step: ``zero_grad``, forward and loss under autocast (``precision`` ``fp16`` / ``bf16``;
+    fp16 with a ``GradScaler`` on CUDA), backward, AdamW step. Each model gets its own AdamW over its
+    trainable parameters (created before warm-up, so its state allocation is not timed). The
+    models' weights change (``lr`` is tiny, so their speed does not): benchmark copies.
+
+    Args:
+        loss_fns: name -> ``loss(model, images, targets)`` (default :func:`cross_entropy_loss`);
+            reduced models pass their method's training terms here.
+        input_size: one sample's shape (``(3, H, W)`` for images, ``(C, T, H, W)`` for video ...).
+    """
+    if precision not in DTYPES:
+        raise ValueError(f"precision must be one of {', '.join(DTYPES)}, got {precision!r}")
+    if batch_size < 1 or repeats < 1 or iters < 1 or warmup < 0 or num_classes < 1:
+        raise ValueError("batch_size, repeats, iters and num_classes must be >= 1 and warmup >= 0")
+    if not models:
+        raise ValueError("benchmark_training needs at least one model")
+    device = torch.device(device)
+    if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ValueError("bf16 is not supported on this GPU; use fp16 or fp32")
+    loss_fns = loss_fns or {}
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, *input_size, generator=gen).to(device)
+    y = torch.randint(0, num_classes, (batch_size,), generator=gen).to(device)
+    use_scaler = device.type == "cuda" and precision == "fp16"
+    steps = {}
+    for name, m in models.items():
+        m.train()
+        params = [p for p in m.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+        scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        loss_fn = loss_fns.get(name, cross_entropy_loss)
+
+        def step(m=m, opt=opt, scaler=scaler, loss_fn=loss_fn) -> None:
+            opt.zero_grad(set_to_none=True)
+            with _autocast(device, precision):
+                loss = loss_fn(m, x, y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        steps[name] = step
+    samples: dict[str, list[float]] = {name: [] for name in models}
+    for name, step in steps.items():
+        for _ in range(warmup):
+            step()
+    _sync(device)
+    for rep in range(repeats):
+        for name, step in steps.items():
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(iters):
+                step()
+            _sync(device)
+            samples[name].append(time.perf_counter() - start)
+        if progress is not None:
+            progress(f"repetition {rep + 1}/{repeats}")
     return BenchResult(batch_size, precision, str(device), tuple(input_size), warmup, repeats, iters,
-                       compiled, environment(device), timings)
+                       compiled, environment(device), _timings(samples, batch_size, iters, gmacs), mode="train")

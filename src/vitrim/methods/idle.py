@@ -17,8 +17,9 @@ On pyramid models (the adapter reports stages; PVT-v2, experimental, not from th
 blocks are every block after the first stage, each computing ``floor(N_stage * r)`` tokens (a
 constant rate, as the author's Swin prototype); see ``docs/methods/idlevit.md``.
 
-In training mode (``model.train()``: the blocks' own flag decides) idle layers run the masked
-fixed-shape form and record, per idle layer, the mask and the head-mean attention logits
+In training mode (``model.train()``: the blocks' own flag decides) idle layers of ViTs run the
+training form (the masked form's loss and gradients; values, attention, projection and MLP of the
+selected rows only, queries and keys of all rows for the logits; pyramid blocks: the masked form) and record, per idle layer, the mask and the head-mean attention logits
 (:class:`~vitrim.ops.idle.IdleRecord` in ``state.records``) for the token cut loss; in eval mode
 they run the gather/scatter form (real savings) and record the computed indices.
 """
@@ -33,7 +34,7 @@ from torch import nn
 
 from ..errors import OptionError, UnsupportedModelError
 from ..losses.idle import idle_cut_loss, idle_feature_loss
-from ..ops.idle import (IdleRecord, idle_block_gather, idle_block_masked, keep_count, pvt_idle_block_gather,
+from ..ops.idle import (IdleRecord, idle_block_gather, idle_block_train, keep_count, pvt_idle_block_gather,
                         pvt_idle_block_masked)
 from ..state import ForwardState
 from .base import BlockTokens, ModelInfo, ReductionMethod, TokenMap, is_int, register_method
@@ -191,7 +192,8 @@ class IdleViT(ReductionMethod):
             return x, state.add_record(IdleRecord(index, keep, idx, grid=tuple(feat_size)))
         p = state.num_prefix_tokens
         if block.training:
-            x, idx, mask, logits = idle_block_masked(block, x, keep, p)
+            # the masked form's loss and gradients, computing idle rows' queries and keys only
+            x, idx, mask, logits = idle_block_train(block, x, keep, p)
             return x, state.add_record(IdleRecord(index, keep, idx, mask, logits))
         x, idx = idle_block_gather(block, x, keep, p)
         return x, state.add_record(IdleRecord(index, keep, idx))

@@ -11,9 +11,14 @@ Two equivalent forms:
 
 * **gather** (inference, real savings): gather the selected rows, run the block on them only,
   scatter them back to their original positions (out of place; the input is never written).
-* **masked** (training, fixed shape): all rows are computed, idle keys are masked out of the
-  attention and the residual updates of idle rows are discarded; also returns the head-mean
-  logits the token cut loss needs.
+* **masked** (the paper's training form, fixed shape): all rows are computed, idle keys are masked
+  out of the attention and the residual updates of idle rows are discarded; also returns the
+  head-mean logits the token cut loss needs.
+
+:func:`idle_block_train` is the training form vitrim runs: the same loss and gradients as the masked
+form (idle rows' updates are discarded there, so their values, attention outputs and MLP never
+reach the loss), computing queries and keys of all rows (the cut loss's logits) but values,
+attention, projection and MLP of the selected rows only.
 
 ViT functions take a timm ``vision_transformer.Block`` (``norm1``, ``attn`` via
 :mod:`vitrim.ops.attention`, ``ls1``, ``drop_path1``, ``norm2``, ``mlp``, ``ls2``, ``drop_path2``).
@@ -33,7 +38,7 @@ from .attention import attend, project, qkv_part
 __all__ = [
     "IdleRecord", "keep_count", "gather_rows", "scatter_rows", "select_rows", "index_to_mask",
     "scores_through_linear_keys", "low_rank_scoring", "rank_scores", "idle_scores", "head_mean_logits",
-    "idle_block_gather", "idle_block_masked",
+    "idle_block_gather", "idle_block_masked", "idle_block_train",
     "pvt_scores", "pvt_keys_values", "pvt_mlp", "pvt_idle_block_gather", "pvt_idle_block_masked",
 ]
 
@@ -269,6 +274,46 @@ def idle_block_masked(block: nn.Module, x: torch.Tensor, keep: int, num_prefix: 
     x = torch.where(rows, x + block.drop_path1(block.ls1(project(attn, attend(attn, q, k, v, key_bias), z))), x)
     x = torch.where(rows, x + block.drop_path2(block.ls2(block.mlp(block.norm2(x)))), x)
     return x, index, mask, head_mean_logits(attn, q, k)
+
+
+def idle_block_train(block: nn.Module, x: torch.Tensor, keep: int, num_prefix: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One idle layer, training form: the outputs of :func:`idle_block_masked` at the cost of the
+    gather form plus the queries and keys of the idle rows and the ``[T, T]`` head-mean logits.
+
+    In the masked form an idle row's update is discarded and idle keys get zero attention weight,
+    so the loss depends on idle rows only through their queries and keys in the cut loss's logits:
+    Q and K run on all rows, the logits are their head mean, and V, attention (selected queries on
+    selected keys), projection and MLP run on the ``S = p + K`` selected rows, scattered back.
+
+    Args:
+        x: ``[B, T, C]``; keep: ``K``; num_prefix: ``p``.
+
+    Returns:
+        ``(out [B, T, C], index [B, S], mask [B, T] bool, logits [B, T, T])`` as :func:`idle_block_masked`.
+    """
+    attn = block.attn
+    B, T, C = x.shape
+    H, d, A = attn.num_heads, attn.head_dim, attn.attn_dim
+    z = block.norm1(x)
+    score, k_all = rank_scores(attn, z, num_prefix)                # the same ranking as both other forms
+    index = select_rows(score, keep, num_prefix)
+    S = index.shape[1]
+    k = _keys(attn, z) if k_all is None else k_all                  # [B, T, A] token-major, after k_norm
+    w_q, b_q = qkv_part(attn, 0)
+    q = attn.q_norm(F.linear(z, w_q, b_q).view(B, T, H, d)).reshape(B, T, A)
+    logits = (q @ k.transpose(1, 2)) * (attn.scale / H)             # = head_mean_logits, all rows
+    flat = _flat(index, T)
+    qs = q.reshape(B * T, A).index_select(0, flat).view(B, S, H, d).transpose(1, 2)
+    ks = k.reshape(B * T, A).index_select(0, flat).view(B, S, H, d).transpose(1, 2)
+    zs = z.reshape(B * T, C).index_select(0, flat).view(B, S, C)
+    w_v, b_v = qkv_part(attn, 2)
+    vs = _heads(attn, F.linear(zs, w_v, b_v))
+    xs = x.reshape(B * T, C).index_select(0, flat).view(B, S, C)
+    xs = xs + block.drop_path1(block.ls1(project(attn, attend(attn, qs, ks, vs), zs)))
+    xs = xs + block.drop_path2(block.ls2(block.mlp(block.norm2(xs))))
+    out = x.reshape(B * T, C).index_copy(0, flat, xs.reshape(B * S, C)).view(B, T, C)
+    return out, index, index_to_mask(index, T), logits
 
 
 # ---------------------------------------------------------------------- PVT-v2 blocks

@@ -62,6 +62,7 @@ class TrainConfig:
     workers: int = 4
     device: Optional[str] = None
     progress: bool = True
+    measure_unreduced: bool = True   # time the unreduced model's training step once at start-up
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -456,9 +457,31 @@ def _train_epoch(cfg: TrainConfig, epoch: int, student: nn.Module, loader, objec
     return sums, seen, time.perf_counter() - t0
 
 
+def _unreduced_speed(cfg: TrainConfig, model: nn.Module, img_size: Any, num_classes: int, run: _Run,
+                     use_amp: bool) -> Optional[float]:
+    """Training img/s of the unreduced model (a copy without the reduction, its own AdamW), measured
+    once on rank 0 with the run's batch size and precision, for the per-epoch log to stand next to.
+    The RNG states are restored afterwards, so the run (and its resume) is unchanged."""
+    from ..measure.bench import benchmark_training
+
+    if not (cfg.measure_unreduced and _is_main() and api.is_reduced(model)):
+        return None
+    plain = api.remove(copy.deepcopy(model))
+    h, w = api.resolve_img_size(plain, img_size)
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        res = benchmark_training({"unreduced": plain}, batch_size=cfg.recipe.batch_size, input_size=(3, h, w),
+                                 num_classes=num_classes, device=run.device, precision="fp16" if use_amp else "fp32",
+                                 warmup=1, repeats=3, iters=1)
+    del plain
+    speed = res.timings[0].img_per_s
+    print(f"unreduced model: {speed:.1f} img/s per process in training (batch {cfg.recipe.batch_size}, "
+          f"median of 3 steps)", flush=True)
+    return speed
+
+
 def _end_epoch(cfg: TrainConfig, epoch: int, model: nn.Module, val_loader, opt: _Optimization, run: _Run,
                output: Path, sums: dict, seen: int, seconds: float, best_top1: float,
-               classes: list[str]) -> tuple[dict, float]:
+               classes: list[str], unreduced_img_per_s: Optional[float] = None) -> tuple[dict, float]:
     """Evaluate (rank 0), write last.pt (and best.pt when top-1 improves) atomically, log the epoch."""
     row: dict = {}
     result = ckpt = None
@@ -469,6 +492,8 @@ def _end_epoch(cfg: TrainConfig, epoch: int, model: nn.Module, val_loader, opt: 
         row = {"epoch": epoch, "lr": group["lr"] / group.get("lr_scale", 1.0),
                "train": {k: v / max(seen, 1) for k, v in sums.items()},
                "train_img_per_s": seen * run.world / seconds, "val": result.to_dict(), "time_s": seconds}
+        if unreduced_img_per_s is not None:
+            row["unreduced_train_img_per_s"] = unreduced_img_per_s * run.world
         best = result.top1 > best_top1
         best_top1 = max(best_top1, result.top1)
         ckpt = {"model": model.state_dict(), "optimizer": opt.optimizer.state_dict(),
@@ -487,8 +512,10 @@ def _end_epoch(cfg: TrainConfig, epoch: int, model: nn.Module, val_loader, opt: 
                 atomic_save({"model": model.state_dict(), "epoch": epoch, "top1": result.top1,
                              "config": cfg.to_dict(), "classes": classes}, output / "best.pt")
             _log(output, row)
+            versus = ("" if unreduced_img_per_s is None
+                      else f" (unreduced {row['unreduced_train_img_per_s']:.0f})")
             print(f"epoch {epoch + 1}/{cfg.recipe.epochs}  loss {row['train']['loss']:.4f}  "
-                  f"val top1 {result.top1:.2f}  top5 {result.top5:.2f}  best {best_top1:.2f}", flush=True)
+                  f"img/s {row['train_img_per_s']:.0f}{versus}  val top1 {result.top1:.2f}  top5 {result.top5:.2f}  best {best_top1:.2f}", flush=True)
     return row, best_top1
 
 
@@ -584,6 +611,7 @@ def _train(cfg: TrainConfig, inputs: _Inputs, saved: _Saved) -> dict:
     inputs.resume = None  # the optimiser state is loaded: free the file's copy
     output = _prepare_output(cfg)
 
+    unreduced_speed = _unreduced_speed(cfg, model, img_size, num_classes, run, opt.use_amp)
     student = StudentForward(model)
     if run.distributed:
         student = nn.parallel.DistributedDataParallel(
@@ -596,7 +624,7 @@ def _train(cfg: TrainConfig, inputs: _Inputs, saved: _Saved) -> dict:
         if run.distributed:
             dist.barrier()
         row, best_top1 = _end_epoch(cfg, epoch, model, val_loader, opt, run, output, sums, seen, seconds, best_top1,
-                                    classes)
+                                    classes, unreduced_speed)
         saved.path, saved.epoch = output / "last.pt", epoch
         if run.distributed:
             dist.barrier()

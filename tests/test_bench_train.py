@@ -1,0 +1,51 @@
+"""``vitrim bench --train`` and ``benchmark_training``: the training step of reduced vs unreduced models."""
+import copy
+import json
+
+import pytest
+import timm
+import torch
+
+import vitrim
+from vitrim.cli import main
+from vitrim.cli.measure import training_loss
+from vitrim.measure.bench import benchmark_training
+
+
+@pytest.mark.parametrize("method", ["tome", "dynamicvit", "idle"])
+def test_bench_train_json(method, capsys):
+    rc = main(["bench", "--train", "--model", "deit_tiny_patch16_224", "--img-size", "32", "--method", method,
+               "--batch-size", "2", "--warmup", "1", "--repeats", "2", "--iters", "1", "--json"])
+    assert rc == 0
+    (r,) = json.loads(capsys.readouterr().out)
+    assert r["mode"] == "train" and r["precision"] == "fp32"
+    base, red = r["timings"]
+    assert base["speedup"] == 1.0 and red["speedup"] > 0 and red["gmacs"] < base["gmacs"]
+    assert len(red["runs"]) == 2
+
+
+def test_training_step_updates_every_model_and_uses_method_terms():
+    torch.manual_seed(0)
+    base = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=5)
+    reduced = vitrim.apply(copy.deepcopy(base), "dynamicvit", keep_rate=0.5)
+    before = {n: p.detach().clone() for n, p in reduced.named_parameters()}
+    res = benchmark_training({"base": base, "dyn": reduced}, batch_size=2, input_size=(3, 32, 32), num_classes=5,
+                             warmup=0, repeats=1, iters=1, lr=1e-3, loss_fns={"dyn": training_loss})
+    assert res.mode == "train" and "training step" in res.table()
+    moved = {n for n, p in reduced.named_parameters() if not torch.equal(p, before[n])}
+    assert any(n.startswith("vitrim.") for n in moved)  # the predictors train: their loss reached them
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    reduced.train()
+    torch.manual_seed(1)
+    full = training_loss(reduced, x, y)
+    torch.manual_seed(1)
+    tokens, state = reduced.forward_tokens(x)
+    ce = torch.nn.functional.cross_entropy(reduced.forward_head_with_state(tokens, state), y)
+    assert full.item() > ce.item()  # the keep-ratio term is added
+
+
+def test_benchmark_training_rejects_bad_input():
+    with pytest.raises(ValueError, match="precision"):
+        benchmark_training({"m": torch.nn.Linear(2, 2)}, precision="fp8")
+    with pytest.raises(ValueError, match="at least one model"):
+        benchmark_training({})
