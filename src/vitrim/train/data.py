@@ -60,7 +60,10 @@ def check_digits_output(root: str | os.PathLike) -> Path:
                               f"marker of a digits dataset); it is left untouched. Accepted: a new folder, an empty "
                               f"folder or a digits dataset written earlier by vitrim (it is replaced)")
     # the new dataset is built beside the old one, then moved in: the parent folder must take it
-    writable_dir(root.parent if str(root.parent) else Path("."), f"the folder of digits output {str(root)!r}")
+    try:
+        writable_dir(root.parent if str(root.parent) else Path("."), "its folder")
+    except VitrimError as err:
+        raise VitrimError(f"digits output {str(root)!r} cannot be written: {err}") from None
     return root
 
 
