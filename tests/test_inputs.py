@@ -374,3 +374,9 @@ def test_checkpoint_of_another_model_names_the_keys(tmp_path):
     torch.save({"encoder.weight": torch.zeros(3)}, path)
     with pytest.raises(VitrimError, match=r"weights are missing .*not the model's \(encoder.weight\)"):
         load_checkpoint(small_vit(), str(path))
+
+
+def test_forward_dense_needs_a_batch():
+    reduced = vitrim.apply(small_vit(), "tome", r=2)
+    with pytest.raises(OptionError, match=r"\[B, 3, H, W\]"):
+        vitrim.forward_dense(reduced, torch.randn(3, 32, 32))

@@ -60,6 +60,8 @@ def resolve_device(name: Optional[Any] = None) -> torch.device:
     checked to exist here; ``None``: CUDA when available, else the CPU."""
     if name is None or name == "":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(name, torch.device):
+        name = str(name)  # messages show 'cuda:0', not the repr
     try:
         dev = torch.device(name)
     except (RuntimeError, TypeError) as err:

@@ -42,7 +42,7 @@ from torch import nn
 
 from ..adapters import get_adapter
 from ..api import get_method
-from ..errors import VitrimError
+from ..errors import OptionError, VitrimError
 from ..ops.provenance import stage_patch_owners
 from ..state import ForwardState
 
@@ -106,6 +106,10 @@ def forward_dense(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         torch.Size([2, 14, 14, 384])
     """
     method = get_method(model)
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        raise OptionError(f"forward_dense takes a batch of images [B, 3, H, W], got "
+                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}; "
+                          f"add the batch dimension with x[None] for one image")
     with method.provenance():
         tokens, state = model.forward_tokens(x)
     return restore_grid(model, tokens, state, tuple(get_adapter(model).output_grid(tuple(x.shape[-2:]))))
