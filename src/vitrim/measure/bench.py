@@ -104,6 +104,43 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
 
 
+def _check_settings(what: str, models: dict, batch_size: int, device: str | torch.device, precision: str,
+                    warmup: int, repeats: int, iters: int) -> torch.device:
+    """The settings every benchmark shares, checked before any model runs; returns the device."""
+    if precision not in DTYPES:
+        raise ValueError(f"precision must be one of {', '.join(DTYPES)}, got {precision!r}")
+    if batch_size < 1 or repeats < 1 or iters < 1 or warmup < 0:
+        raise ValueError("batch_size, repeats and iters must be >= 1 and warmup >= 0")
+    if not models:
+        raise ValueError(f"{what} needs at least one model")
+    device = torch.device(device)
+    if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ValueError("bf16 is not supported on this GPU; use fp16 or fp32")
+    return device
+
+
+def _time_interleaved(calls: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int,
+                      iters: int, progress: Optional[Callable[[str], None]]) -> dict[str, list[float]]:
+    """Seconds of ``iters`` calls of each entry, ``repeats`` times, the entries interleaved within each
+    repetition (so drifting machine load hits them alike), after ``warmup`` untimed calls each."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    _sync(device)
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for rep in range(repeats):
+        for name, call in calls.items():
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(iters):
+                call()
+            _sync(device)
+            samples[name].append(time.perf_counter() - start)
+        if progress is not None:
+            progress(f"repetition {rep + 1}/{repeats}")
+    return samples
+
+
 def benchmark(
         models: dict[str, nn.Module],
         batch_size: int = 32,
@@ -126,34 +163,13 @@ def benchmark(
         repeats, iters: ``repeats`` timed samples of ``iters`` forwards each; median reported.
         progress: optional callback with a short status string per repetition.
     """
-    if precision not in DTYPES:
-        raise ValueError(f"precision must be one of {', '.join(DTYPES)}, got {precision!r}")
-    if batch_size < 1 or repeats < 1 or iters < 1 or warmup < 0:
-        raise ValueError("batch_size, repeats and iters must be >= 1 and warmup >= 0")
-    if not models:
-        raise ValueError("benchmark needs at least one model")
-    device = torch.device(device)
-    if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise ValueError("bf16 is not supported on this GPU; use fp16 or fp32")
+    device = _check_settings("benchmark", models, batch_size, device, precision, warmup, repeats, iters)
     x = torch.randn(batch_size, *input_size, device=device)
     for m in models.values():
         m.eval()
-    samples: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode(), _autocast(device, precision):
-        for name, m in models.items():
-            for _ in range(warmup):
-                m(x)
-        _sync(device)
-        for rep in range(repeats):
-            for name, m in models.items():
-                _sync(device)
-                start = time.perf_counter()
-                for _ in range(iters):
-                    m(x)
-                _sync(device)
-                samples[name].append(time.perf_counter() - start)
-            if progress is not None:
-                progress(f"repetition {rep + 1}/{repeats}")
+        samples = _time_interleaved({name: (lambda m=m: m(x)) for name, m in models.items()},
+                                    device, warmup, repeats, iters, progress)
     return BenchResult(batch_size, precision, str(device), tuple(input_size), warmup, repeats, iters,
                        compiled, environment(device), _timings(samples, batch_size, iters, gmacs))
 
@@ -213,15 +229,9 @@ def benchmark_training(
             reduced models pass their method's training terms here.
         input_size: one sample's shape (``(3, H, W)`` for images, ``(C, T, H, W)`` for video ...).
     """
-    if precision not in DTYPES:
-        raise ValueError(f"precision must be one of {', '.join(DTYPES)}, got {precision!r}")
-    if batch_size < 1 or repeats < 1 or iters < 1 or warmup < 0 or num_classes < 1:
-        raise ValueError("batch_size, repeats, iters and num_classes must be >= 1 and warmup >= 0")
-    if not models:
-        raise ValueError("benchmark_training needs at least one model")
-    device = torch.device(device)
-    if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise ValueError("bf16 is not supported on this GPU; use fp16 or fp32")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    device = _check_settings("benchmark_training", models, batch_size, device, precision, warmup, repeats, iters)
     loss_fns = loss_fns or {}
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, *input_size, generator=gen).to(device)
@@ -243,20 +253,6 @@ def benchmark_training(
             scaler.step(opt)
             scaler.update()
         steps[name] = step
-    samples: dict[str, list[float]] = {name: [] for name in models}
-    for name, step in steps.items():
-        for _ in range(warmup):
-            step()
-    _sync(device)
-    for rep in range(repeats):
-        for name, step in steps.items():
-            _sync(device)
-            start = time.perf_counter()
-            for _ in range(iters):
-                step()
-            _sync(device)
-            samples[name].append(time.perf_counter() - start)
-        if progress is not None:
-            progress(f"repetition {rep + 1}/{repeats}")
+    samples = _time_interleaved(steps, device, warmup, repeats, iters, progress)
     return BenchResult(batch_size, precision, str(device), tuple(input_size), warmup, repeats, iters,
                        compiled, environment(device), _timings(samples, batch_size, iters, gmacs), mode="train")
