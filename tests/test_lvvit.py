@@ -191,8 +191,13 @@ def test_dynamicvit_defaults_counts_and_aux_tokens(rate, kept):
     assert model.vitrim.locations == (4, 8, 12)
     lengths = [t.q for t in model.vitrim.block_tokens(197)]
     assert lengths == [197] * 4 + [kept[0] + 1] * 4 + [kept[1] + 1] * 4 + [kept[2] + 1] * 4
+    scored = []
+    hooks = [p.register_forward_hook(lambda m, i, o: scored.append(o.shape[1])) for p in model.vitrim.predictors]
     out, rows = _aux_rows(model, torch.randn(2, 3, 224, 224))
+    for h in hooks:
+        h.remove()
     assert rows == kept[2]
+    assert scored == [196, kept[0], kept[1]]  # the predictors score the patch tokens entering each stage
     # the output rule on the kept tokens
     with torch.no_grad():
         t, _ = vitrim.forward_tokens(model, torch.randn(1, 3, 224, 224))
@@ -205,8 +210,13 @@ def test_default_locations_m_and_deit():
         vitrim.apply(m, method)
         assert m.vitrim.locations == (5, 10, 15), method
         vitrim.remove(m)
+    vitrim.apply(m, "dynamicvit", keep_rate=0.7)
+    assert [t.q for t in m.vitrim.block_tokens(197)] == [197] * 5 + [138] * 5 + [97] * 5 + [68] * 5
+    vitrim.remove(m)
     vitrim.apply(m, "idle", keep_rate=0.7)
     assert m.vitrim.layers == tuple(range(5, 20))
+    assert [m.vitrim.keep(i, 196) for i in range(5, 20)] == [137] * 5 + [96] * 5 + [67] * 5
+    assert all(t.tokens_out == 197 for t in m.vitrim.block_tokens(197))
     deit = timm.create_model("deit_tiny_patch16_224")
     vitrim.apply(deit, "dynamicvit")
     assert deit.vitrim.locations == (3, 6, 9)
@@ -237,7 +247,7 @@ def test_reduced_batch_independence():
     model = _randomise_bn(_small())
     x = torch.randn(3, 3, 224, 224)
     for method, kw in [("dynamicvit", dict(keep_rate=0.7)), ("idle", dict(keep_rate=0.7)), ("dtps", dict(keep_rate=0.5)),
-                       ("tome", dict(r=8))]:
+                       ("etps", dict(keep_rate=0.5)), ("evit", dict(keep_rate=0.7)), ("tome", dict(r=8))]:
         vitrim.apply(model, method, **kw)
         with torch.no_grad():
             assert torch.allclose(model(x)[1:2], model(x[1:2]), atol=1e-5), method
@@ -272,10 +282,16 @@ def test_flops_protocol_convention(name, method, kw, want):
     assert abs(vitrim.flops(model) - want) < 0.01
 
 
-def test_traced_flops_match_analytic_baseline():
+@pytest.mark.parametrize("method,kw", [(None, {}), ("dynamicvit", dict(keep_rate=0.7)), ("idle", dict(keep_rate=0.5)),
+                                       ("dtps", dict(keep_rate=0.5))])
+def test_traced_flops_match_analytic(method, kw):
     model = timm.create_model("lvvit_s", embed_dim=96, num_heads=2)
-    vitrim.apply(model, "dynamicvit", keep_rate=0.7)
-    assert math.isclose(vitrim.traced_flops(model), vitrim.flops(model), abs_tol=0.01)
+    saved = 0
+    if method:
+        vitrim.apply(model, method, **kw)
+    if method == "idle":  # the executed ranking uses W_k^T q_cls: (T - S - 1) C^2 fewer MACs per idle layer
+        saved = sum((197 - l.tokens_in - 1) * 96 * 96 for l in vitrim.flops_report(model).layers if l.tokens_in < 197)
+    assert math.isclose(vitrim.traced_flops(model), vitrim.flops(model) - saved / 1e9, abs_tol=0.001)
 
 
 @pytest.mark.parametrize("name,method,kw,want", [

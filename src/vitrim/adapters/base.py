@@ -8,9 +8,11 @@ An **adapter** knows one model family (timm ``VisionTransformer``, timm PVT-v2, 
    with :class:`~vitrim.errors.UnsupportedModelError` otherwise;
 2. describes the model to methods (:meth:`Adapter.info`, a :class:`~vitrim.methods.base.ModelInfo`),
    and its input grid (:meth:`default_img_size`, :meth:`grid_size`, :meth:`num_patches`);
-3. prices the model under a method (:meth:`Adapter.cost_plan`, from the method's
+3. gives the parts of its head on the final tokens (:meth:`Adapter.head_parts`: the class head
+   alone and a per-token head where the family has one), for losses that read them separately;
+4. prices the model under a method (:meth:`Adapter.cost_plan`, from the method's
    :meth:`~vitrim.methods.base.ReductionMethod.plan_block`) for ``vitrim.flops`` and budgets;
-4. installs a method (:meth:`Adapter.install`: the model's class is swapped for a generated
+5. installs a method (:meth:`Adapter.install`: the model's class is swapped for a generated
    subclass whose forward runs the model's own modules and hands every block to
    ``method.block_forward``) and removes it (:meth:`Adapter.uninstall`, the original class back).
 
@@ -42,7 +44,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..measure.flops import CostPlan
-from ..methods.base import ModelInfo, ReductionMethod
+from ..methods.base import HeadParts, ModelInfo, ReductionMethod
 from ..state import ForwardState
 
 __all__ = ["Adapter", "BoundBlock", "register_adapter", "registered_adapters", "make_reduced_class",
@@ -208,6 +210,16 @@ class Adapter(ABC):
         from ..errors import OptionError
         raise OptionError(f"{self.label or self.family} has no separate publication FLOPs convention; "
                           f"the protocol convention (the default) is the one its papers use")
+
+    # ------------------------------------------------------------------ head
+    def head_parts(self, tokens: torch.Tensor, state: Optional[ForwardState] = None) -> HeadParts:
+        """The head's parts on the final tokens ``tokens: [B, T, C]`` (``state``: the reduced forward's,
+        for its pooling weights), for losses that read them separately. Families without a per-token
+        head (the default): ``class_logits`` is the model's output, ``token_logits`` is ``None``."""
+        m = self.model
+        if state is not None and is_reduced(m):
+            return HeadParts(m.forward_head_with_state(tokens, state))
+        return HeadParts(m.forward_head(tokens))
 
     # ------------------------------------------------------------------ install
     @classmethod

@@ -11,10 +11,15 @@ differ and are handled here:
   token); in a masked training forward, tokens whose pooling weight is 0 (dropped) are excluded
   from the max;
 * FLOPs: the stem's four convolutions, the class head and the aux head on every final patch token.
+
+Losses that read the head's parts (DynamicViT's LV-ViT loss) get ``head(cls)`` and the per-token
+aux logits separately from :meth:`LVViTAdapter.head_parts` (``ModelInfo.has_token_head``).
 """
 from __future__ import annotations
 
 from typing import Optional
+
+import dataclasses
 
 import torch
 from torch import nn
@@ -22,9 +27,9 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..lvvit import LVViT, LVViTStem
 from ..measure.flops import CostPlan, linear_macs, price_blocks
-from ..methods.base import BlockTokens, ReductionMethod
+from ..methods.base import BlockTokens, HeadParts, ModelInfo, ReductionMethod
 from ..state import ForwardState
-from .base import register_adapter, runs_own_forward
+from .base import overrides, register_adapter, runs_own_forward
 from .timm_vit import TimmViTAdapter
 
 __all__ = ["LVViTAdapter"]
@@ -43,6 +48,16 @@ class LVViTAdapter(TimmViTAdapter):
         return isinstance(model, LVViT)
 
     @classmethod
+    def check(cls, model: nn.Module) -> None:
+        super().check(model)
+        for fn in ("forward_head", "forward_aux"):
+            if overrides(model, LVViT, fn):
+                raise UnsupportedModelError(
+                    f"{type(model).__name__} overrides LVViT.{fn}; the LV-ViT adapter applies LV-ViT's output rule "
+                    f"(head(cls) + 0.5 * max of aux_head over the tokens present) itself, so it cannot keep that "
+                    f"behaviour. Accepted: lvvit_* models and LVViT subclasses that keep its head")
+
+    @classmethod
     def check_patch_embed(cls, model: nn.Module) -> None:
         pe = model.patch_embed
         if not runs_own_forward(pe, LVViTStem):
@@ -51,6 +66,15 @@ class LVViTAdapter(TimmViTAdapter):
         if pe.num_patches != pe.grid_size[0] * pe.grid_size[1]:
             raise UnsupportedModelError(f"{type(model).__name__}.patch_embed reports {pe.num_patches} patches for a "
                                         f"{pe.grid_size[0]}x{pe.grid_size[1]} grid; vitrim cannot count its tokens")
+
+    def info(self) -> ModelInfo:
+        return dataclasses.replace(super().info(), has_token_head=True)
+
+    def head_parts(self, tokens: torch.Tensor, state: Optional[ForwardState] = None) -> HeadParts:
+        """``head(t[:, 0])`` ``[B, K]`` and ``aux_head(t[:, 1:])`` ``[B, N, K]`` on the final tokens (every
+        position present: a masked training form's dead positions too; losses mask them)."""
+        cls_out, aux_out = self.model.forward_aux(tokens)
+        return HeadParts(cls_out, aux_out)
 
     def cost_plan(self, img_size: tuple[int, int], method: Optional[ReductionMethod] = None) -> CostPlan:
         """Blocks at the method's plan; the stem's convolutions; ``head`` on the class token and

@@ -39,7 +39,7 @@ from ..ops.prune import PruneRecord, gather_tokens
 from ..ops.provenance import stage_patch_owners, stage_rows
 from ..state import ForwardState
 
-__all__ = ["ModelInfo", "BlockTokens", "TokenMap", "ReductionMethod", "register_method", "get_method_class",
+__all__ = ["ModelInfo", "HeadParts", "BlockTokens", "TokenMap", "ReductionMethod", "register_method", "get_method_class",
            "method_names", "registered_methods", "is_int", "is_real", "parse_option_value", "KEEP_RATE_GRID"]
 
 #: keep rates a budget searches, weakest first (1.00, 0.99, ..., 0.01)
@@ -88,6 +88,7 @@ class ModelInfo:
     stage_depths: tuple[int, ...] = ()  # blocks per stage of a pyramid model; () for a plain sequence
     stage_dims: tuple[int, ...] = ()
     needs_all_tokens: bool = False    # blocks need every token in place (pyramid stages: complete H x W maps)
+    has_token_head: bool = False      # a classifier on every patch token besides the class head (LV-ViT's aux_head)
     family_label: str = ""            # human-readable family name for messages ("PVT-v2")
 
     def stage_of(self, block: int) -> int:
@@ -98,6 +99,23 @@ class ModelInfo:
             if block < end:
                 return s
         return 0
+
+
+@dataclass(frozen=True)
+class HeadParts:
+    """The parts of a model's head on its final tokens, for losses that read them separately
+    (from the adapter's ``head_parts``; LV-ViT's DynamicViT loss).
+
+    Attributes:
+        class_logits: ``[B, K]`` the classifier alone: LV-ViT's ``head(cls)`` without the aux max;
+            the model's output on families with no per-token head.
+        token_logits: ``[B, N, K]`` the per-token head on every non-prefix token present (LV-ViT's
+            ``aux_head``; in a masked training form, dead positions included), or ``None`` where the
+            family has none (``ModelInfo.has_token_head``).
+    """
+
+    class_logits: torch.Tensor
+    token_logits: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -353,7 +371,8 @@ class ReductionMethod(nn.Module):
 
     # ----------------------------------------------------------------- training
     def loss_terms(self, state: ForwardState, tokens: torch.Tensor, teacher_tokens: Optional[torch.Tensor],
-                   weights: Mapping[str, float], recipe: Any) -> dict[str, torch.Tensor]:
+                   weights: Mapping[str, float], recipe: Any, *, heads: Optional[HeadParts] = None,
+                   teacher_heads: Optional[HeadParts] = None) -> dict[str, torch.Tensor]:
         """The method's weighted training terms on top of cross-entropy and ``kd``.
 
         Args:
@@ -363,7 +382,10 @@ class ReductionMethod(nn.Module):
                 term that needs them has a weight.
             weights: every term's weight (the recipe's override, else :attr:`loss_weights`).
             recipe: the training recipe (read-only), for method settings such as IdleViT's
-                ``cut_loss_layers``.
+                ``cut_loss_layers`` and the loss targets (``token_target``, ``feature_target``,
+                ``feature_norm``; ``docs/training.md``, "Loss targets").
+            heads, teacher_heads: the student's and the teacher's :class:`HeadParts` (from the
+                model's adapter) when the recipe's targets read them, else ``None``.
         """
         return {}
 

@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import OptionError
+from ..errors import OptionError, VitrimError
 from ..losses.pruning import final_keep_mask, keep_ratio_loss, pruning_decisions, token_distillation
 from ..ops.prune import (gather_tokens, gumbel_softmax_hard, keep_count_original, masked_mean, rank_tokens,
                          squeeze_gather, squeeze_masked)
 from ..state import ForwardState
 from ._pruning import PruningMethod, masked_block_forward
-from .base import BlockTokens, ModelInfo, register_method
+from .base import BlockTokens, HeadParts, ModelInfo, register_method
 
 __all__ = ["ScorePredictor", "DynamicViT"]
 
@@ -220,16 +220,30 @@ class DynamicViT(PruningMethod):
 
     # ------------------------------------------------------------------ training
     def loss_terms(self, state: ForwardState, tokens: torch.Tensor, teacher_tokens: Optional[torch.Tensor],
-                   weights: Mapping[str, float], recipe: Any) -> dict[str, torch.Tensor]:
-        """Keep-ratio loss on the cumulative decisions; token distillation at the kept positions."""
+                   weights: Mapping[str, float], recipe: Any, *, heads: Optional[HeadParts] = None,
+                   teacher_heads: Optional[HeadParts] = None) -> dict[str, torch.Tensor]:
+        """Keep-ratio loss on the cumulative decisions; token distillation at the kept positions: of the
+        final patch tokens (``token_distillation_mode``), or with ``recipe.token_target ==
+        "token_logits"`` of the per-token head's class logits (KL over classes: DynamicViT on LV-ViT)."""
         out: dict[str, torch.Tensor] = {}
         decisions, targets = pruning_decisions(state)
         if weights.get("ratio", 0.0) > 0 and decisions:
             out["ratio"] = weights["ratio"] * keep_ratio_loss(decisions, targets)
-        if teacher_tokens is not None and weights.get("token", 0.0) > 0 and tokens.shape == teacher_tokens.shape:
+        if teacher_tokens is None or weights.get("token", 0.0) <= 0:
+            return out
+        if getattr(recipe, "token_target", "tokens") == "token_logits":
+            if heads is None or teacher_heads is None or heads.token_logits is None \
+                    or teacher_heads.token_logits is None:
+                raise VitrimError(f"{self.name}: recipe field token_target='token_logits' needs the per-token head "
+                                  f"logits of the student and the teacher (HeadParts.token_logits from the model's "
+                                  f"adapter); accepted: a model with a per-token head (LV-ViT), or "
+                                  f"token_target='tokens'")
+            student, teacher, mode = heads.token_logits, teacher_heads.token_logits, "kl"
+        else:
             k = state.num_prefix_tokens
-            out["token"] = weights["token"] * token_distillation(
-                tokens[:, k:], teacher_tokens[:, k:], final_keep_mask(state), self.token_distillation_mode)
+            student, teacher, mode = tokens[:, k:], teacher_tokens[:, k:], self.token_distillation_mode
+        if student.shape == teacher.shape:  # the masked training form keeps every position
+            out["token"] = weights["token"] * token_distillation(student, teacher, final_keep_mask(state), mode)
         return out
 
     # ------------------------------------------------------------------ checkpoints

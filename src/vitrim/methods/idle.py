@@ -32,12 +32,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import OptionError, UnsupportedModelError
+from ..errors import OptionError, UnsupportedModelError, VitrimError
 from ..losses.idle import idle_cut_loss, idle_feature_loss
 from ..ops.idle import (IdleRecord, idle_block_gather, idle_block_train, keep_count, pvt_idle_block_gather,
                         pvt_idle_block_masked)
 from ..state import ForwardState
-from .base import BlockTokens, ModelInfo, ReductionMethod, TokenMap, is_int, register_method
+from .base import BlockTokens, HeadParts, ModelInfo, ReductionMethod, TokenMap, is_int, register_method
 
 __all__ = ["IdleViT", "default_idle_layers"]
 
@@ -220,15 +220,38 @@ class IdleViT(ReductionMethod):
 
     # ------------------------------------------------------------------ training
     def loss_terms(self, state: ForwardState, tokens: torch.Tensor, teacher_tokens: Optional[torch.Tensor],
-                   weights: Mapping[str, float], recipe: Any) -> dict[str, torch.Tensor]:
-        """Token cut loss over the idle layers; L2-normalised class-feature MSE against the teacher."""
+                   weights: Mapping[str, float], recipe: Any, *, heads: Optional[HeadParts] = None,
+                   teacher_heads: Optional[HeadParts] = None) -> dict[str, torch.Tensor]:
+        """Token cut loss over the idle layers; L2-normalised feature MSE against the teacher: of the
+        class token (``recipe.feature_target == "class_token"``, DeiT), or of the whole final token map
+        masked by the last idle layer's computed rows (``"tokens"``, LV-ViT), normalised over
+        ``recipe.feature_norm`` (``"channels"``, or ``"tokens"``: the official LV-ViT token axis)."""
         out: dict[str, torch.Tensor] = {}
         if weights.get("cut", 0.0) > 0:
             layers = getattr(recipe, "cut_loss_layers", "all")
             out["cut"] = weights["cut"] * idle_cut_loss(state, layers=layers).to(tokens.device)
         if teacher_tokens is not None and weights.get("feature", 0.0) > 0:
-            out["feature"] = weights["feature"] * idle_feature_loss(tokens[:, 0], teacher_tokens[:, 0])
+            target = getattr(recipe, "feature_target", "class_token")
+            norm = getattr(recipe, "feature_norm", "channels")
+            if target == "tokens":
+                loss = idle_feature_loss(tokens, teacher_tokens, self._last_mask(state, tokens), normalize=norm)
+            else:
+                loss = idle_feature_loss(tokens[:, 0], teacher_tokens[:, 0], normalize=norm)
+            out["feature"] = weights["feature"] * loss
         return out
+
+    @staticmethod
+    def _last_mask(state: ForwardState, tokens: torch.Tensor) -> Optional[torch.Tensor]:
+        """``[B, T, 1]`` computed rows of the last idle layer (prefix 1) as ``tokens``' dtype, or ``None``
+        when no layer idled (every row computed)."""
+        masks = [r.mask for r in state.records if isinstance(r, IdleRecord) and r.mask is not None]
+        if not masks:
+            return None
+        if masks[-1].shape != tokens.shape[:2]:
+            raise VitrimError(f"idle: feature_target='tokens' masks the final tokens {tuple(tokens.shape[:2])} with "
+                              f"the last idle layer's rows {tuple(masks[-1].shape)}, which differ (a pyramid "
+                              f"model's stage); accepted: feature_target='class_token' on this model")
+        return masks[-1].to(tokens.dtype).unsqueeze(-1)
 
     # ------------------------------------------------------------------ pictures
     def token_maps(self, run: Callable[[], ForwardState], grid: tuple[int, int],

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import api
+from ..adapters import get_adapter
 from ..checks import non_negative_int, positive_int, resolve_device, writable_dir
 from ..errors import VitrimError
 from ..methods.base import ReductionMethod
@@ -71,19 +72,24 @@ class TrainConfig:
 
 
 class StudentForward(nn.Module):
-    """What DDP wraps: the model's forward returning logits, final tokens and the state."""
+    """What DDP wraps: the model's forward returning logits, final tokens, the state and, with
+    ``heads=True``, the head's parts from the model's adapter (``Adapter.head_parts``; else ``None``)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, heads: bool = False) -> None:
         super().__init__()
         self.model = model
+        self._adapter = get_adapter(model) if heads else None
 
     def forward(self, x: torch.Tensor):
         m = self.model
         if api.is_reduced(m):
             tokens, state = m.forward_tokens(x)
-            return m.forward_head_with_state(tokens, state), tokens, state
-        tokens = m.forward_features(x)
-        return m.forward_head(tokens), tokens, None
+            logits = m.forward_head_with_state(tokens, state)
+        else:
+            tokens, state = m.forward_features(x), None
+            logits = m.forward_head(tokens)
+        parts = self._adapter.head_parts(tokens, state) if self._adapter is not None else None
+        return logits, tokens, state, parts
 
 
 def _dist_env() -> tuple[int, int, int]:
@@ -436,8 +442,8 @@ def _train_epoch(cfg: TrainConfig, epoch: int, student: nn.Module, loader, objec
             images, targets = opt.mixup(images, targets)
         with torch.autocast(run.device.type, dtype=torch.float16, enabled=opt.use_amp):
             teacher_out = objective.run_teacher(images)
-            logits, tokens, state = student(images)
-            loss, terms = objective(StudentOutput(logits, tokens, state), targets, teacher_out)
+            logits, tokens, state, heads = student(images)
+            loss, terms = objective(StudentOutput(logits, tokens, state, heads), targets, teacher_out)
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             raise VitrimError(f"loss became {loss_value} at epoch {epoch}; terms {terms}. The last good "
@@ -612,7 +618,7 @@ def _train(cfg: TrainConfig, inputs: _Inputs, saved: _Saved) -> dict:
     output = _prepare_output(cfg)
 
     unreduced_speed = _unreduced_speed(cfg, model, img_size, num_classes, run, opt.use_amp)
-    student = StudentForward(model)
+    student = StudentForward(model, heads=objective.uses_heads)
     if run.distributed:
         student = nn.parallel.DistributedDataParallel(
             student, device_ids=[run.device.index] if run.device.type == "cuda" else None)

@@ -4,8 +4,14 @@
 total loss and each weighted term separately (for logging). The method says which terms it adds
 and their weights (``ReductionMethod.loss_weights`` and ``loss_terms``); a recipe field
 ``<term>_weight`` (e.g. ``kd_weight``) or an entry of ``recipe.loss_weights`` overrides a weight. The
-teacher is a frozen unreduced copy of the starting model; it is run once per step and its logits
-/ tokens feed every distillation term.
+teacher is a frozen unreduced copy of the starting model, always run in eval mode; it is run once
+per step and its logits / tokens feed every distillation term.
+
+What the terms compare is the recipe's (``docs/training.md``, "Loss targets"): ``logits_from``
+picks the logits of cross-entropy and KD (the model's output, or its class head alone), and the
+methods' terms read ``token_target`` / ``feature_target`` / ``feature_norm``. The head's parts
+(class head, per-token head) are asked of the model's adapter (``Adapter.head_parts``), for the
+student and the teacher alike, only when the recipe reads them.
 """
 from __future__ import annotations
 
@@ -15,11 +21,12 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from ..errors import OptionError, VitrimError
 from ..losses import kl_logit_distillation
-from ..methods.base import ReductionMethod, get_method_class
+from ..methods.base import HeadParts, ReductionMethod, get_method_class
 from ..state import ForwardState
 
-__all__ = ["StudentOutput", "TeacherOutput", "Objective", "loss_weights"]
+__all__ = ["StudentOutput", "TeacherOutput", "Objective", "loss_weights", "needs_head_parts"]
 
 MethodArg = Union[None, str, type[ReductionMethod], ReductionMethod]
 
@@ -29,12 +36,20 @@ class StudentOutput:
     logits: torch.Tensor
     tokens: torch.Tensor                 # final post-norm tokens [B, T, C]
     state: Optional[ForwardState]
+    heads: Optional[HeadParts] = None    # the head's parts, when the recipe reads them (needs_head_parts)
 
 
 @dataclass
 class TeacherOutput:
     logits: torch.Tensor
     tokens: torch.Tensor                 # final post-norm tokens [B, T0, C]
+    heads: Optional[HeadParts] = None
+
+
+def needs_head_parts(recipe) -> bool:
+    """Whether a term of ``recipe`` reads the head's parts (class head alone, per-token logits)."""
+    return getattr(recipe, "logits_from", "output") == "class_head" \
+        or getattr(recipe, "token_target", "tokens") == "token_logits"
 
 
 def _method_class(method: MethodArg) -> Optional[type[ReductionMethod]]:
@@ -82,6 +97,17 @@ class Objective:
         self.weights = loss_weights(method, recipe)
         self.teacher_terms = ("kd", *(cls.teacher_terms if cls is not None else ()))
         self.teacher = teacher if recipe.distill else None
+        self.uses_heads = needs_head_parts(recipe)
+        info = getattr(self.method, "info", None)
+        if getattr(recipe, "token_target", "tokens") == "token_logits" and info is not None \
+                and not info.has_token_head:
+            raise OptionError(f"recipe field token_target='token_logits' distils the class logits of a per-token "
+                              f"head (LV-ViT's aux_head); this {info.family_label or info.family} model has none. "
+                              f"Accepted: token_target='tokens' (recipes without the -lvvit suffix), or an LV-ViT")
+        self._teacher_adapter = None
+        if self.teacher is not None and self.uses_heads:
+            from ..adapters import get_adapter
+            self._teacher_adapter = get_adapter(self.teacher)
         if mixup_active:
             self.criterion = SoftTargetCrossEntropy()  # label smoothing is folded into the Mixup targets
         elif recipe.smoothing > 0:
@@ -95,21 +121,38 @@ class Objective:
 
     @torch.no_grad()
     def run_teacher(self, images: torch.Tensor) -> Optional[TeacherOutput]:
+        """The teacher's logits, final tokens and (when the recipe reads them) head parts, in eval mode
+        (its BatchNorm, if any, normalises with its running statistics)."""
         if not self.needs_teacher:
             return None
+        if self.teacher.training:
+            self.teacher.eval()
         tokens = self.teacher.forward_features(images)
-        return TeacherOutput(self.teacher.forward_head(tokens), tokens)
+        heads = self._teacher_adapter.head_parts(tokens) if self._teacher_adapter is not None else None
+        return TeacherOutput(self.teacher.forward_head(tokens), tokens, heads)
+
+    def _logits(self, out) -> torch.Tensor:
+        """The logits cross-entropy and KD compare: the output, or the class head alone (``logits_from``)."""
+        if getattr(self.recipe, "logits_from", "output") == "class_head":
+            if out.heads is None:
+                raise VitrimError("recipe field logits_from='class_head' needs the head's parts; run the student "
+                                  "through StudentForward(model, heads=True) (vitrim train does)")
+            logits = out.heads.class_logits
+        else:
+            logits = out.logits
+        if isinstance(logits, tuple):  # distilled DeiT in distilled-training mode: average the heads
+            logits = (logits[0] + logits[1]) / 2
+        return logits
 
     def __call__(self, student: StudentOutput, targets: torch.Tensor,
                  teacher: Optional[TeacherOutput]) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = student.logits
-        if isinstance(logits, tuple):  # distilled DeiT in distilled-training mode: average the heads
-            logits = (logits[0] + logits[1]) / 2
+        logits = self._logits(student)
         terms = {"ce": self.criterion(logits, targets)}
         if teacher is not None and self.weights["kd"] > 0:
-            terms["kd"] = self.weights["kd"] * kl_logit_distillation(logits, teacher.logits)
+            terms["kd"] = self.weights["kd"] * kl_logit_distillation(logits, self._logits(teacher))
         if self.method is not None and student.state is not None:
-            terms.update(self.method.loss_terms(student.state, student.tokens,
-                                                None if teacher is None else teacher.tokens, self.weights, self.recipe))
+            terms.update(self.method.loss_terms(
+                student.state, student.tokens, None if teacher is None else teacher.tokens, self.weights, self.recipe,
+                heads=student.heads, teacher_heads=None if teacher is None else teacher.heads))
         total = sum(terms.values())
         return total, {k: float(v.detach()) for k, v in terms.items()}

@@ -67,6 +67,15 @@ class Recipe:
     loss_weights: dict = field(default_factory=dict)  # any term's weight by name (a method's own terms too)
     distill: bool = True               # teacher = frozen unreduced copy of the starting model
     cut_loss_layers: str = "all"       # IdleViT: "alternate" reproduces the official loop (docs/methods/idlevit.md, "Losses")
+    # what the losses compare (docs/training.md, "Loss targets"); the model's adapter gives the head's parts
+    logits_from: str = "output"        # CE and KD on "output" (the model's logits) or "class_head" (the class head
+    #                                    alone: LV-ViT's head(cls) without the aux max; the output elsewhere)
+    token_target: str = "tokens"       # token distillation on "tokens" (final patch tokens) or "token_logits" (the
+    #                                    per-token head's class logits, KL over classes: LV-ViT's aux_head)
+    feature_target: str = "class_token"  # IdleViT feature MSE on "class_token" ([B, C]) or "tokens" (the whole
+    #                                    [B, T, C] map masked by the last idle layer's computed rows)
+    feature_norm: str = "channels"     # feature L2 normalisation: "channels" (each token) or "tokens" (each channel
+    #                                    over the token axis, the official LV-ViT code; feature_target="tokens" only)
     # EViT keep-rate warm-up (docs/training.md, "EViT"): rate 1 before shrink_start, ramp over shrink_epochs
     shrink_start_epoch: int = 0
     shrink_epochs: int = 0
@@ -114,7 +123,9 @@ _AT_MOST_ONE = ("drop_path", "smoothing", "mixup_prob", "mixup_switch_prob", "re
 #: schedulers timm's create_scheduler_v2 builds that the loop can step per epoch without a metric
 SCHEDULERS = ("cosine", "tanh", "step", "constant", "multistep", "poly", "wsd", "rsqrt")
 _CHOICES = {"mixup_mode": ("batch", "pair", "elem"), "remode": ("pixel", "rand", "const"),
-            "cut_loss_layers": ("all", "alternate"),
+            "cut_loss_layers": ("all", "alternate"), "logits_from": ("output", "class_head"),
+            "token_target": ("tokens", "token_logits"), "feature_target": ("class_token", "tokens"),
+            "feature_norm": ("channels", "tokens"),
             "interpolation": ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos", "random")}
 
 
@@ -215,6 +226,10 @@ def _check_ranges(recipe: Recipe) -> None:
     for name, accepted in _CHOICES.items():
         if getattr(recipe, name) not in accepted:
             raise OptionError(f"recipe field {name} must be one of {', '.join(accepted)}; got {getattr(recipe, name)!r}")
+    if recipe.feature_norm == "tokens" and recipe.feature_target != "tokens":
+        raise OptionError("recipe field feature_norm='tokens' normalises each channel over the token axis, which "
+                          f"needs feature_target='tokens' (got {recipe.feature_target!r}); accepted: "
+                          "feature_norm='channels', or feature_target='tokens'")
     for term, w in recipe.loss_weights.items():
         if not isinstance(term, str) or isinstance(w, bool) or not isinstance(w, (int, float)) \
                 or not math.isfinite(w) or w < 0:
@@ -294,6 +309,16 @@ RECIPES: dict[str, Recipe] = {
         repeated_aug=0, smoothing=0.1, drop_path=0.0),
 }
 RECIPES["tps"] = dataclasses.replace(RECIPES["dtps"], name="tps")
+# LV-ViT (docs/models/lvvit.md, "Training"): the papers' schedules, with LV-ViT's loss targets
+RECIPES["dynamicvit-lvvit"] = dataclasses.replace(
+    RECIPES["dynamicvit"], name="dynamicvit-lvvit", description="DynamicViT on LV-ViT: the dynamicvit schedule; "
+    "CE and KL 0.5 on head(cls), token KL 0.5 over the aux-head logits of the kept tokens, ratio 2",
+    logits_from="class_head", token_target="token_logits")
+RECIPES["idlevit-lvvit"] = dataclasses.replace(
+    RECIPES["idlevit"], name="idlevit-lvvit", description="IdleViT on LV-ViT: the idlevit schedule; CE and KL 10 "
+    "on the combined output, cut 20, feature MSE 1000 on the whole token map masked by the last idle layer, "
+    "normalised over channels (feature_norm=tokens: the official token axis)",
+    feature_target="tokens", feature_norm="channels")
 
 
 def recipe_names() -> list[str]:
