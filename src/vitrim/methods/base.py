@@ -88,6 +88,7 @@ class ModelInfo:
     stage_depths: tuple[int, ...] = ()  # blocks per stage of a pyramid model; () for a plain sequence
     stage_dims: tuple[int, ...] = ()
     needs_all_tokens: bool = False    # blocks need every token in place (pyramid stages: complete H x W maps)
+    windowed: bool = False            # blocks attend within fixed windows and hand their own window idle forms (Swin)
     family_label: str = ""            # human-readable family name for messages ("PVT-v2")
 
     def stage_of(self, block: int) -> int:
