@@ -188,3 +188,46 @@ def test_training_recipe_checks():
         r.vitrim.begin_training(get_recipe("idlevit"))
     with pytest.raises(OptionError, match="ratio"):
         r.vitrim.begin_training(get_recipe("swin-idle").replace(ratio_weight=0.0))
+
+
+def test_swin_idle_recipe_values_and_objective():
+    from vitrim.losses import kl_logit_distillation
+    from vitrim.train.objective import Objective, StudentOutput, TeacherOutput
+
+    rec = get_recipe("swin-idle")
+    assert (rec.epochs, rec.warmup_epochs, rec.weight_decay, rec.clip_grad, rec.drop_path) == (30, 5, 0.05, 5.0, 0.2)
+    assert rec.schedule_lrs(2048) == pytest.approx((2e-3, 4e-6, 4e-5))   # 5e-4 x batch/512, warm-up and min alike
+    assert (rec.mixup, rec.cutmix, rec.reprob, rec.smoothing, rec.auto_augment) == \
+        (0.8, 1.0, 0.25, 0.1, "rand-m9-mstd0.5-inc1")
+    assert (rec.ce_weight, rec.kd_weight, rec.ratio_weight, rec.cut_weight, rec.feature_weight) == (0.5, 0.5, 1, 0, 0)
+    obj = Objective("idle", rec, teacher=torch.nn.Identity(), mixup_active=False)
+    s, t = torch.randn(4, 10), torch.randn(4, 10)
+    _, terms = obj(StudentOutput(s, torch.zeros(4, 3, 8), None), torch.arange(4), TeacherOutput(t, None))
+    assert terms["ce"] == pytest.approx(0.5 * float(obj.criterion(s, torch.arange(4))), rel=1e-6)
+    deit = (t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum() / s.numel()   # sum / (B * classes)
+    assert terms["kd"] == pytest.approx(0.5 * float(deit), rel=1e-5)
+    assert float(kl_logit_distillation(s, t)) == pytest.approx(float(deit) * 10, rel=1e-5)
+    plain = Objective("idle", get_recipe("digits-finetune"), teacher=None, mixup_active=False)
+    assert plain.weights["ce"] == 1.0
+
+
+def test_cli_train_swin_idle_recipe(tmp_path, capsys):
+    import json
+
+    from test_train import tiny_imagefolder
+    from vitrim.cli import main
+
+    data = tiny_imagefolder(tmp_path / "data", per_class=2, val_per_class=1)   # 20 images: 2 steps of 8
+    out = tmp_path / "run"
+    kwargs = "{'embed_dim': 16, 'depths': (2, 2, 2, 2), 'num_heads': (1, 1, 2, 2), 'img_size': 112, 'num_classes': 10}"
+    assert main(["train", "--model", "swin_tiny_patch4_window7_224", "--model-kwargs", kwargs, "--data", str(data),
+                 "--recipe", "swin-idle", "--method", "idle", "--score", "predictor", "--keep-rate", "0.5",
+                 "--output", str(out), "--workers", "0", "--no-progress", "--batch-size", "8", "--epochs", "1"]) == 0
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"ce", "kd", "ratio", "loss"} <= set(row["train"]) and "cut" not in row["train"]
+    saved = torch.load(out / "last.pt", weights_only=False)
+    assert any(k.startswith("vitrim.predictors.2.") for k in saved["model"])
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out / "last.pt"), "--data", str(data), "--json", "--workers", "0"]) == 0
+    res = json.loads(capsys.readouterr().out)["results"]
+    assert len(res) == 2 and all(v["images"] == 10 for v in res.values())
