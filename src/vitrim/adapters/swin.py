@@ -129,7 +129,8 @@ class SwinAdapter(Adapter):
             family=FAMILY, family_label=self.label, depth=sum(depths), embed_dim=dims[-1], num_heads=last.num_heads,
             num_prefix_tokens=0, num_patches=h * w, global_pool=getattr(m, "global_pool", "") or "",
             has_class_token=False, stage_depths=depths, stage_dims=dims, needs_all_tokens=True,
-            windowed=True,
+            windowed=True, needs_all_tokens_why="Swin blocks need the full H x W token grid (windows, shifted "
+                                               "windows, patch merging)",
         )
 
     def default_img_size(self) -> tuple[int, int]:

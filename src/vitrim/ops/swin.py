@@ -129,7 +129,7 @@ def window_scores(attn: nn.Module, zw: torch.Tensor, pad: Optional[torch.Tensor]
     A = attn.qkv.out_features // 3
     w, b = attn.qkv.weight, attn.qkv.bias
     q = F.linear(zw.mean(1), w[:A], None if b is None else b[:A]) * (attn.scale / attn.num_heads)  # [BW, A]
-    score = (zw * (q @ w[A:2 * A]).unsqueeze(1)).sum(-1)
+    score = (zw @ (q @ w[A:2 * A]).unsqueeze(-1)).squeeze(-1)                      # [BW, M]: no [BW, M, C] temporary
     if b is not None:
         score = score + (q * b[A:2 * A]).sum(-1, keepdim=True)
     beta = rel_pos_bias(attn).mean(dim=(0, 1))                                     # [M]: mean over heads, queries
