@@ -231,3 +231,31 @@ def test_cli_train_swin_idle_recipe(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(out / "last.pt"), "--data", str(data), "--json", "--workers", "0"]) == 0
     res = json.loads(capsys.readouterr().out)["results"]
     assert len(res) == 2 and all(v["images"] == 10 for v in res.values())
+
+
+def test_cli_bench_flops_visualize_on_swin(tmp_path, capsys):
+    import json
+
+    from vitrim.cli import main
+
+    swin = ["--model", "swin_tiny_patch4_window7_224", "--method", "idle", "--keep-rate", "0.5"]
+    assert main(["bench", *swin, "--score", "predictor", "--batch-size", "1", "--img-size", "112", "--warmup", "0",
+                 "--repeats", "1", "--iters", "1", "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    base, red = result["timings"]
+    assert red["gmacs"] < base["gmacs"]
+    assert main(["flops", *swin]) == 0
+    out = capsys.readouterr().out
+    assert "total 2.672 GMACs" in out and "1.68x" in out
+    assert main(["visualize", *swin, "--img-size", "112", "-o", str(tmp_path / "v.png")]) == 0
+    assert (tmp_path / "v.png").stat().st_size > 0
+    assert main(["bench", "--model", "swin_tiny_patch4_window7_224", "--method", "tome"]) == 2
+    assert "cannot reduce a Swin Transformer" in capsys.readouterr().err
+
+
+def test_forward_dense_on_swin():
+    r = vitrim.apply(small(), "idle", keep_rate=0.5)
+    x = img(1)
+    with torch.no_grad():
+        dense = vitrim.forward_dense(r, x)
+        assert torch.equal(dense, r.forward_features(x))
