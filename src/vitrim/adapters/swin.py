@@ -61,12 +61,16 @@ def window_layout(block: nn.Module, size: tuple[int, int]) -> tuple[tuple[int, i
 
 
 def _idle_forms(block: nn.Module):
-    def gather(x: torch.Tensor, keep: int):
-        out, index = swin_idle_block_gather(block, x, keep)
+    """The block's idle forms: ``gather(x, keep, scores=None)`` and ``masked(x, keep, scores=None, mask=None)``
+    (``scores``: ``[B, H * W]`` per-token scores ranked per window instead of the window-mean score;
+    ``mask``: a ``[B, H, W]`` 0/1 keep mask, e.g. a straight-through sample, instead of the top-K)."""
+    def gather(x: torch.Tensor, keep: int, scores: Optional[torch.Tensor] = None):
+        out, index = swin_idle_block_gather(block, x, keep, scores=scores)
         return out, index, None
 
-    def masked(x: torch.Tensor, keep: int):
-        return swin_idle_block_masked(block, x, keep)
+    def masked(x: torch.Tensor, keep: int, scores: Optional[torch.Tensor] = None,
+               mask: Optional[torch.Tensor] = None):
+        return swin_idle_block_masked(block, x, keep, scores=scores, mask=mask)
 
     return gather, masked
 
@@ -125,6 +129,8 @@ class SwinAdapter(Adapter):
             family=FAMILY, family_label=self.label, depth=sum(depths), embed_dim=dims[-1], num_heads=last.num_heads,
             num_prefix_tokens=0, num_patches=h * w, global_pool=getattr(m, "global_pool", "") or "",
             has_class_token=False, stage_depths=depths, stage_dims=dims, needs_all_tokens=True,
+            windowed=True, needs_all_tokens_why="Swin blocks need the full H x W token grid (windows, shifted "
+                                               "windows, patch merging)",
         )
 
     def default_img_size(self) -> tuple[int, int]:

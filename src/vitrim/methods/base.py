@@ -89,6 +89,8 @@ class ModelInfo:
     stage_dims: tuple[int, ...] = ()
     needs_all_tokens: bool = False    # blocks need every token in place (pyramid stages: complete H x W maps)
     has_token_head: bool = False      # a classifier on every patch token besides the class head (LV-ViT's aux_head)
+    needs_all_tokens_why: str = ""    # the family's reason, said when a token-removing method is refused
+    windowed: bool = False            # blocks attend within fixed windows and hand their own window idle forms (Swin)
     family_label: str = ""            # human-readable family name for messages ("PVT-v2")
 
     def stage_of(self, block: int) -> int:
@@ -248,6 +250,10 @@ class ReductionMethod(nn.Module):
         if info.needs_all_tokens and cls.removes_tokens:
             idling = [n for n in method_names() if not _REGISTRY[n].removes_tokens]
             label = info.family_label or info.family
+            if info.needs_all_tokens_why:
+                raise UnsupportedModelError(
+                    f"method {cls.name!r} cannot reduce a {label}: it removes or merges tokens, but "
+                    f"{info.needs_all_tokens_why}; accepted on {label}: {', '.join(idling)}")
             raise UnsupportedModelError(
                 f"method {cls.name!r} cannot reduce a pyramid model ({label} stages need every token in "
                 f"place); accepted on {label}: methods that idle tokens instead of removing them "

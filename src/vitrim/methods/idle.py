@@ -15,7 +15,11 @@ reproduces the published ``main.py`` (ratios r, r, r, r², r², r², r³, r³).
 
 On pyramid models (the adapter reports stages; PVT-v2, experimental, not from the paper): default idle
 blocks are every block after the first stage, each computing ``floor(N_stage * r)`` tokens (a
-constant rate, as the author's Swin prototype); see ``docs/methods/idlevit.md``.
+constant rate, as the author's Swin prototype); see ``docs/methods/idlevit.md``. On windowed models
+(Swin) each window computes its top ``K = max(1, floor(M * r))`` of its ``M`` slots, ranked by the
+window-mean query score (``score="attention"``, no parameters) or by a learned predictor per idle
+block (``score="predictor"``: the author's prototype's rule, trained with a straight-through Gumbel
+mask and the keep-ratio loss; new ``vitrim.predictors.<block>.*`` parameters).
 
 In training mode (``model.train()``: the blocks' own flag decides) idle layers of ViTs run the
 training form (the masked form's loss and gradients; values, attention, projection and MLP of the
@@ -34,10 +38,15 @@ from torch import nn
 
 from ..errors import OptionError, UnsupportedModelError, VitrimError
 from ..losses.idle import idle_cut_loss, idle_feature_loss
+from ..losses.pruning import keep_ratio_loss
 from ..ops.idle import (IdleRecord, idle_block_gather, idle_block_train, keep_count, pvt_idle_block_gather,
                         pvt_idle_block_masked)
+from ..ops.prune import gumbel_softmax_hard
 from ..state import ForwardState
 from .base import BlockTokens, HeadParts, ModelInfo, ReductionMethod, TokenMap, is_int, register_method
+from .dynamicvit import ScorePredictor
+
+SCORES = ("attention", "predictor")
 
 __all__ = ["IdleViT", "default_idle_layers"]
 
@@ -60,6 +69,8 @@ class IdleViT(ReductionMethod):
             idle block. ``1`` runs the original blocks (bit-identical).
         layers: 0-based indices of the idle blocks, strictly increasing (any sequence or range);
             ``None``: the default rule (see the module docstring).
+        score: windowed models (Swin) only: ``"attention"`` (the window-mean query score, no
+            parameters) or ``"predictor"`` (a learned predictor per idle block; needs training).
     """
 
     name = "idle"
@@ -75,8 +86,13 @@ class IdleViT(ReductionMethod):
     teacher_terms = ("feature",)
 
     def __init__(self, info: ModelInfo, keep_rate: float = 0.7,
-                 layers: Optional[Sequence[int]] = None) -> None:
+                 layers: Optional[Sequence[int]] = None, score: str = "attention") -> None:
         super().__init__(info)
+        if score not in SCORES:
+            raise OptionError(f"score must be one of {', '.join(map(repr, SCORES))}, got {score!r}")
+        if score == "predictor" and not info.windowed:
+            raise OptionError(f"score='predictor' is implemented for windowed models (Swin Transformer) only, not "
+                              f"for {info.family_label or info.family}; accepted here: score='attention'")
         stage_rates = self._stage_rates(keep_rate, info)  # pyramids: one rate per stage [vitrim extension]
         if stage_rates is not None:
             keep_rate = min(stage_rates)
@@ -93,6 +109,10 @@ class IdleViT(ReductionMethod):
         self.keep_rate = float(keep_rate)
         self.stage_rates = stage_rates
         self.layers = self._check_layers(layers, info)
+        self.score = score
+        if score == "predictor":  # one predictor per idle block, on the block input (trunc-normal 0.02)
+            self.predictors = nn.ModuleDict({str(i): ScorePredictor(info.stage_dims[info.stage_of(i)])
+                                             for i in self.layers})
         if not info.stage_depths:
             empty = [i for i, k in enumerate(self.keep_counts()) if k == 0]
             if empty:
@@ -107,6 +127,15 @@ class IdleViT(ReductionMethod):
         if self.stage_rates is not None:
             out["keep_rate"] = self.stage_rates
         return out
+
+    def update(self, **options: Any) -> None:
+        fresh = type(self).create(self.info, **{**self.options(), **options})
+        if (fresh.score == "predictor" or self.score == "predictor") and \
+                (fresh.score != self.score or fresh.layers != self.layers):
+            raise OptionError(f"score={self.score!r} on layers {list(self.layers)}: with learned predictors the score "
+                              f"and the idle layers are fixed when applied (one predictor per idle block); accepted: "
+                              f"keep_rate changes; for other layers or scores, vitrim.remove(model) and apply again")
+        super().update(**options)
 
     @staticmethod
     def _stage_rates(keep_rate, info: ModelInfo) -> Optional[tuple[float, ...]]:
@@ -163,6 +192,8 @@ class IdleViT(ReductionMethod):
             return None
         rate = self.keep_rate if self.stage_rates is None else self.stage_rates[self.info.stage_of(index)]
         k = keep_count(num_patches, rate, s)
+        if self.info.windowed:  # a window's slots: at least one computed per window
+            k = max(1, k)
         return None if k >= num_patches else k
 
     def keep_counts(self, num_patches: Optional[int] = None) -> list[Optional[int]]:
@@ -181,7 +212,16 @@ class IdleViT(ReductionMethod):
             return block(x), state  # the model's own forward: bit-identical
         if forms is not None:
             stage_grid = tuple(x.shape[1:3])  # these blocks take the [B, H, W, C] map
-            x, idx, mask = forms[1](x, keep) if block.training else forms[0](x, keep)
+            if self.score == "predictor":
+                B, H, W, C = x.shape
+                logp = self.predictors[str(index)](x.reshape(B, H * W, C))       # [B, H*W, 2]: keep, idle
+                if block.training:  # a straight-through Gumbel sample per token: any count per window
+                    m = gumbel_softmax_hard(logp)[..., 0].reshape(B, H, W)
+                    x, idx, mask = forms[1](x, keep, mask=m)
+                else:               # the top-K of each window by the keep log-probability
+                    x, idx, mask = forms[0](x, keep, scores=logp[..., 0])
+            else:
+                x, idx, mask = forms[1](x, keep) if block.training else forms[0](x, keep)
             return x, state.add_record(IdleRecord(index, keep, idx, mask, grid=stage_grid))
         feat_size = getattr(block, "feat_size", None)  # a pyramid block: its H x W map stays complete
         if feat_size is not None:
@@ -212,7 +252,10 @@ class IdleViT(ReductionMethod):
         s = k + self.info.num_prefix_tokens
         if self.info.stage_depths:
             c = self.info.stage_dims[self.info.stage_of(index)]
-            extra = 2 * c * c + tokens_in * c
+            if self.score == "predictor":  # the block's predictor on every slot (windowed: tokens_in = M)
+                extra = tokens_in * self.predictors[str(index)].macs_per_token()
+            else:
+                extra = 2 * c * c + tokens_in * c
         else:
             c = self.info.embed_dim
             extra = (tokens_in - s) * c * c + c * c + tokens_in * c
@@ -225,8 +268,18 @@ class IdleViT(ReductionMethod):
         """Token cut loss over the idle layers; L2-normalised feature MSE against the teacher: of the
         class token (``recipe.feature_target == "class_token"``, DeiT), or of the whole final token map
         masked by the last idle layer's computed rows (``"tokens"``, LV-ViT), normalised over
-        ``recipe.feature_norm`` (``"channels"``, or ``"tokens"``: the official LV-ViT token axis)."""
+        ``recipe.feature_norm`` (``"channels"``, or ``"tokens"``: the official LV-ViT token axis); with
+        ``score="predictor"`` the keep-ratio loss ``mean_l mean_b (mean_i m_bi - r_l)^2`` over the idle blocks'
+        straight-through masks."""
         out: dict[str, torch.Tensor] = {}
+        if self.score == "predictor" and weights.get("ratio", 0.0) > 0:
+            recs = [r for r in state.records if isinstance(r, IdleRecord) and r.mask is not None
+                    and r.mask.is_floating_point()]
+            if recs:
+                out["ratio"] = weights["ratio"] * keep_ratio_loss([r.mask.flatten(1) for r in recs],
+                                                                  [self.rate_of(r.layer) for r in recs])
+        if not self.info.has_class_token:  # no cut or feature loss without a class token (pyramids)
+            return out
         if weights.get("cut", 0.0) > 0:
             layers = getattr(recipe, "cut_loss_layers", "all")
             out["cut"] = weights["cut"] * idle_cut_loss(state, layers=layers).to(tokens.device)
@@ -252,6 +305,32 @@ class IdleViT(ReductionMethod):
                               f"the last idle layer's rows {tuple(masks[-1].shape)}, which differ (a pyramid "
                               f"model's stage); accepted: feature_target='class_token' on this model")
         return masks[-1].to(tokens.dtype).unsqueeze(-1)
+
+    def rate_of(self, index: int) -> float:
+        """The keep rate of block ``index`` (its stage's with per-stage rates)."""
+        return self.keep_rate if self.stage_rates is None else self.stage_rates[self.info.stage_of(index)]
+
+    def begin_training(self, recipe: Any) -> None:
+        if not self.info.has_class_token:
+            given = [f"{t}_weight={getattr(recipe, t + '_weight')}" for t in ("cut", "feature")
+                     if getattr(recipe, t + "_weight", None)]
+            if given:
+                raise OptionError(f"recipe sets {', '.join(given)}, but idle has no token cut loss or class-feature "
+                                  f"loss on {self.info.family_label or self.info.family} (no class token); accepted: "
+                                  f"cut_weight=0 and feature_weight=0 (e.g. --recipe swin-idle on Swin)")
+        if self.score == "predictor" and not (getattr(recipe, "ratio_weight", None) or
+                                              (getattr(recipe, "loss_weights", None) or {}).get("ratio")):
+            raise OptionError("score='predictor' trains its predictors with the keep-ratio loss, but the recipe's "
+                              "ratio weight is 0 or unset; accepted: ratio_weight > 0 (e.g. --recipe swin-idle)")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # a backbone checkpoint (timm, or a model saved before apply) has no predictor key: keep the current ones
+        if not any(key.startswith(prefix) for key in state_dict):
+            for name, value in self.state_dict(keep_vars=True).items():
+                state_dict[prefix + name] = value.detach()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     # ------------------------------------------------------------------ pictures
     def token_maps(self, run: Callable[[], ForwardState], grid: tuple[int, int],

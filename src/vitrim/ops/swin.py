@@ -9,7 +9,12 @@ tokens skip both sub-blocks and leave the block bit-identical.
   relative position bias and the shift mask are gathered for the selected pairs; the result is
   scattered back out of place.
 * masked form (training): all ``M`` rows are computed, queries attend to selected keys only, and the
-  residual updates of idle rows are discarded (``where``).
+  residual updates of idle rows are discarded (``where``); or, with a given keep mask (a learned
+  predictor's straight-through sample, any count per window), the residual branches are multiplied
+  by the mask so that gradients reach whatever produced it.
+
+Either form ranks by the window-mean score or by per-token ``scores`` (a predictor's keep
+log-probability) placed in the windows' slots (:func:`slot_scores`).
 
 Blocks map ``[B, H, W, C]`` to ``[B, H, W, C]`` (NHWC, as timm).
 """
@@ -22,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["window_slots", "window_partition", "window_reverse", "rel_pos_bias", "shift_mask", "window_scores",
-           "select_window_slots", "swin_idle_block_gather", "swin_idle_block_masked", "window_keep"]
+           "select_window_slots", "slot_scores", "swin_idle_block_gather", "swin_idle_block_masked", "window_keep"]
 
 
 def window_keep(slots: int, keep_rate: float) -> int:
@@ -124,7 +129,7 @@ def window_scores(attn: nn.Module, zw: torch.Tensor, pad: Optional[torch.Tensor]
     A = attn.qkv.out_features // 3
     w, b = attn.qkv.weight, attn.qkv.bias
     q = F.linear(zw.mean(1), w[:A], None if b is None else b[:A]) * (attn.scale / attn.num_heads)  # [BW, A]
-    score = (zw * (q @ w[A:2 * A]).unsqueeze(1)).sum(-1)
+    score = (zw @ (q @ w[A:2 * A]).unsqueeze(-1)).squeeze(-1)                      # [BW, M]: no [BW, M, C] temporary
     if b is not None:
         score = score + (q * b[A:2 * A]).sum(-1, keepdim=True)
     beta = rel_pos_bias(attn).mean(dim=(0, 1))                                     # [M]: mean over heads, queries
@@ -133,6 +138,24 @@ def window_scores(attn: nn.Module, zw: torch.Tensor, pad: Optional[torch.Tensor]
         nW = pad.shape[0]
         score = score.view(-1, nW, score.shape[-1]).masked_fill(pad, float("-inf")).view_as(score)
     return score
+
+
+def slot_scores(scores: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Per-token scores placed in window slots: ``scores [B, H * W]``, ``slots [nW, M]`` (flat positions,
+    ``-1`` for padding) -> ``[B * nW, M]``, padding slots ``-inf`` (ranked last)."""
+    B = scores.shape[0]
+    padded = torch.cat([scores, scores.new_full((B, 1), float("-inf"))], dim=1)    # position -1 -> the last column
+    return padded[:, slots].reshape(B * slots.shape[0], slots.shape[1])
+
+
+def _select(attn: nn.Module, zw: torch.Tensor, slots: torch.Tensor, size: tuple[int, int], keep: int,
+            scores: Optional[torch.Tensor]) -> torch.Tensor:
+    """``[B * nW, K]`` top-``K`` slots per window: by ``scores`` ``[B, H * W]`` if given, else the window-mean score."""
+    if scores is not None:
+        return select_window_slots(slot_scores(scores, slots), keep)
+    nW, M = slots.shape
+    pad = slots < 0 if nW * M > size[0] * size[1] else None                        # static: from shapes
+    return select_window_slots(window_scores(attn, zw, pad), keep)
 
 
 def select_window_slots(score: torch.Tensor, keep: int) -> torch.Tensor:
@@ -170,11 +193,13 @@ def _mlp_residual(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x + block.drop_path2(block.mlp(block.norm2(x)))
 
 
-def swin_idle_block_gather(block: nn.Module, x: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+def swin_idle_block_gather(block: nn.Module, x: torch.Tensor, keep: int, scores: Optional[torch.Tensor] = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """One idle Swin block, inference form: each window computes its top-``K`` slots only.
 
     Args:
-        x: ``[B, H, W, C]``; keep: ``K`` (< ``M``).
+        x: ``[B, H, W, C]``; keep: ``K`` (< ``M``); scores: ``[B, H * W]`` per-token scores ranked in each
+            window instead of the window-mean score (``None``: the window-mean score).
 
     Returns:
         ``(out [B, H, W, C], index [B, nW * K])``: ``index`` the flat positions of the computed tokens
@@ -187,7 +212,7 @@ def swin_idle_block_gather(block: nn.Module, x: torch.Tensor, keep: int) -> tupl
     nW, M = slots.shape
     zw = _to_windows(block.norm1(x), ws, shift)                                      # [BW, M, C]
     padded = nW * M > H * W                                                          # static: from shapes
-    idx = select_window_slots(window_scores(attn, zw, slots < 0 if padded else None), keep)  # [BW, K]
+    idx = _select(attn, zw, slots, (H, W), keep, scores)                             # [BW, K]
     BW = idx.shape[0]
     zs = zw.gather(1, idx.unsqueeze(-1).expand(-1, -1, C))                           # [BW, K, C]
     heads = attn.num_heads
@@ -208,15 +233,21 @@ def swin_idle_block_gather(block: nn.Module, x: torch.Tensor, keep: int) -> tupl
     return out.view(B, H, W, C), pos
 
 
-def swin_idle_block_masked(block: nn.Module, x: torch.Tensor, keep: int
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def swin_idle_block_masked(block: nn.Module, x: torch.Tensor, keep: int, scores: Optional[torch.Tensor] = None,
+                           mask: Optional[torch.Tensor] = None
+                           ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
     """One idle Swin block, masked fixed-shape form (training); equal to the gather form on selected rows.
 
     Args:
-        x: ``[B, H, W, C]``; keep: ``K``.
+        x: ``[B, H, W, C]``; keep: ``K``; scores: as in :func:`swin_idle_block_gather`.
+        mask: ``[B, H, W]`` 0/1 keep mask (float, may carry a straight-through gradient) used instead of
+            the top-``K``: any count per window. Keys are the tokens where ``mask.detach()`` is 1 (rolled and
+            partitioned like the features; padding slots are never keys), and the residual branches are
+            multiplied by ``mask`` (idle rows stay bit-identical for a 0/1 mask).
 
     Returns:
-        ``(out [B, H, W, C], index [B, nW * K], mask [B, H, W] bool)``.
+        ``(out [B, H, W, C], index [B, nW * K] or None (given mask), mask [B, H, W])``: the bool top-``K``
+        mask, or the given ``mask``.
     """
     attn = block.attn
     B, H, W, C = x.shape
@@ -224,19 +255,29 @@ def swin_idle_block_masked(block: nn.Module, x: torch.Tensor, keep: int
     slots = window_slots((H, W), ws, shift, x.device)
     nW, M = slots.shape
     zw = _to_windows(block.norm1(x), ws, shift)
-    idx = select_window_slots(window_scores(attn, zw, slots < 0 if nW * M > H * W else None), keep)
-    BW = idx.shape[0]
-    sel = torch.zeros(BW, M, dtype=torch.bool, device=x.device).scatter(1, idx, True)   # [BW, M]
+    if mask is None:
+        idx = _select(attn, zw, slots, (H, W), keep, scores)
+        BW = idx.shape[0]
+        sel = torch.zeros(BW, M, dtype=torch.bool, device=x.device).scatter(1, idx, True)   # [BW, M]
+    else:
+        idx = None
+        sel = _to_windows(mask.detach().unsqueeze(-1).to(x.dtype), ws, shift).squeeze(-1) > 0.5  # rolled like x: [BW, M]
+        BW = sel.shape[0]
     heads = attn.num_heads
     q, k, v = attn.qkv(zw).reshape(BW, M, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
     bias = rel_pos_bias(attn).unsqueeze(0)                                           # [1, heads, M, M]
-    mask = shift_mask(block, (H, W), x.dtype, x.device)
-    if mask is not None:
-        bias = (bias.view(1, 1, heads, M, M) + mask.view(1, nW, 1, M, M).to(bias.dtype)).expand(B, -1, -1, -1, -1)
+    shifted = shift_mask(block, (H, W), x.dtype, x.device)
+    if shifted is not None:
+        bias = (bias.view(1, 1, heads, M, M) + shifted.view(1, nW, 1, M, M).to(bias.dtype)).expand(B, -1, -1, -1, -1)
         bias = bias.reshape(BW, heads, M, M)
     # a select, not a sum: idle keys get the finite dtype minimum (no fp16 overflow)
     bias = torch.where(sel[:, None, None, :], bias, torch.finfo(q.dtype).min)
     a = _from_windows(attn.proj_drop(attn.proj(_attend(attn, q, k, v, bias))), ws, shift, (H, W))
+    if mask is not None:  # straight-through: the branches scaled by the mask, gradients reach its source
+        m = mask.unsqueeze(-1).to(x.dtype)
+        x1 = x + m * block.drop_path1(a)
+        x2 = x1 + m * block.drop_path2(block.mlp(block.norm2(x1.reshape(B, -1, C)))).view(B, H, W, C)
+        return x2, None, mask
     m = _from_windows(sel.unsqueeze(-1), ws, shift, (H, W))                           # [B, H, W, 1], rolled back
     x1 = torch.where(m, x + block.drop_path1(a), x)
     x2 = torch.where(m, _mlp_residual(block, x1.reshape(B, -1, C)).view(B, H, W, C), x1)

@@ -383,11 +383,11 @@ def _build_optimization(model: nn.Module, recipe: Recipe, run: _Run, num_classes
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
-    lr = recipe.total_lr(recipe.batch_size * run.world)
+    lr, warmup_lr, min_lr = recipe.schedule_lrs(recipe.batch_size * run.world)
     optimizer = create_optimizer_v2(_param_groups(model, recipe), opt=recipe.opt, lr=lr,
                                     weight_decay=recipe.weight_decay, eps=recipe.opt_eps, betas=recipe.opt_betas)
-    scheduler, _ = create_scheduler_v2(optimizer, sched=recipe.sched, num_epochs=recipe.epochs, min_lr=recipe.min_lr,
-                                       warmup_lr=recipe.warmup_lr, warmup_epochs=recipe.warmup_epochs)
+    scheduler, _ = create_scheduler_v2(optimizer, sched=recipe.sched, num_epochs=recipe.epochs, min_lr=min_lr,
+                                       warmup_lr=warmup_lr, warmup_epochs=recipe.warmup_epochs)
     use_amp = recipe.amp and run.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     mixup = None

@@ -64,15 +64,16 @@ def _method_class(method: MethodArg) -> Optional[type[ReductionMethod]]:
 
 def loss_weights(method: MethodArg, recipe) -> dict[str, float]:
     """Every term's weight: the recipe's override (``<term>_weight`` field, then ``recipe.loss_weights``),
-    else the method's own (``ReductionMethod.loss_weights``), else 0. ``kd`` is always present."""
+    else the method's own (``ReductionMethod.loss_weights``), else 0 (cross-entropy ``ce``: 1). ``kd`` and
+    ``ce`` are always present."""
     cls = _method_class(method)
     spec = dict(cls.loss_weights) if cls is not None else {}
     given = dict(getattr(recipe, "loss_weights", None) or {})
-    names = {"kd", *spec, *given, *(f[:-len("_weight")] for f in vars(recipe) if f.endswith("_weight"))}
+    names = {"kd", "ce", *spec, *given, *(f[:-len("_weight")] for f in vars(recipe) if f.endswith("_weight"))}
     out = {}
     for name in sorted(names):
         field_value = getattr(recipe, f"{name}_weight", None)
-        value = field_value if field_value is not None else given.get(name, spec.get(name, 0.0))
+        value = field_value if field_value is not None else given.get(name, spec.get(name, 1.0 if name == "ce" else 0.0))
         out[name] = float(value)
     return out
 
@@ -147,9 +148,13 @@ class Objective:
     def __call__(self, student: StudentOutput, targets: torch.Tensor,
                  teacher: Optional[TeacherOutput]) -> tuple[torch.Tensor, dict[str, float]]:
         logits = self._logits(student)
-        terms = {"ce": self.criterion(logits, targets)}
+        ce = self.criterion(logits, targets)
+        terms = {"ce": ce if self.weights["ce"] == 1.0 else self.weights["ce"] * ce}
         if teacher is not None and self.weights["kd"] > 0:
-            terms["kd"] = self.weights["kd"] * kl_logit_distillation(logits, self._logits(teacher))
+            kd = kl_logit_distillation(logits, self._logits(teacher))
+            if getattr(self.recipe, "kd_norm", "batch") == "batch-classes":  # DeiT's: sum / (B * classes)
+                kd = kd / logits.shape[-1]
+            terms["kd"] = self.weights["kd"] * kd
         if self.method is not None and student.state is not None:
             terms.update(self.method.loss_terms(
                 student.state, student.tokens, None if teacher is None else teacher.tokens, self.weights, self.recipe,

@@ -30,6 +30,7 @@ class Recipe:
     min_lr: float = 1e-5
     warmup_epochs: int = 5
     warmup_lr: float = 1e-6
+    scale_schedule_lrs: bool = False   # warmup_lr and min_lr follow lr's linear scaling too (Swin's rule)
     sched: str = "cosine"
     opt: str = "adamw"
     opt_eps: float = 1e-8
@@ -58,7 +59,8 @@ class Recipe:
     # precision and memory
     amp: bool = True                   # autocast + GradScaler on CUDA (ignored on CPU)
     grad_checkpointing: bool = False
-    # losses (None = the method's own weight, ReductionMethod.loss_weights)
+    # losses (None = the method's own weight, ReductionMethod.loss_weights; cross-entropy: 1)
+    ce_weight: Optional[float] = None
     kd_weight: Optional[float] = None
     ratio_weight: Optional[float] = None
     token_weight: Optional[float] = None
@@ -66,6 +68,7 @@ class Recipe:
     feature_weight: Optional[float] = None
     loss_weights: dict = field(default_factory=dict)  # any term's weight by name (a method's own terms too)
     distill: bool = True               # teacher = frozen unreduced copy of the starting model
+    kd_norm: str = "batch"             # KL of the logits per sample ("batch"), or per sample and class ("batch-classes", DeiT's)
     cut_loss_layers: str = "all"       # IdleViT: "alternate" reproduces the official loop (docs/methods/idlevit.md, "Losses")
     # what the losses compare (docs/training.md, "Loss targets"); the model's adapter gives the head's parts
     logits_from: str = "output"        # CE and KD on "output" (the model's logits) or "class_head" (the class head
@@ -81,8 +84,16 @@ class Recipe:
     shrink_epochs: int = 0
     faithful: bool = False             # TPS: the PyTorch scripts' backbone-LR handling (docs/training.md, "TPS")
 
-    def total_lr(self, total_batch: int) -> float:
-        return self.lr if self.lr_base_batch is None else self.lr * total_batch / self.lr_base_batch
+    def total_lr(self, total_batch: int, value: Optional[float] = None) -> float:
+        """``lr`` (or ``value``) at ``total_batch``: scaled by ``total_batch / lr_base_batch`` when that is set."""
+        v = self.lr if value is None else value
+        return v if self.lr_base_batch is None else v * total_batch / self.lr_base_batch
+
+    def schedule_lrs(self, total_batch: int) -> tuple[float, float, float]:
+        """``(lr, warmup_lr, min_lr)`` at ``total_batch``; the last two scaled like ``lr`` if ``scale_schedule_lrs``."""
+        scale = self.scale_schedule_lrs
+        return (self.total_lr(total_batch), self.total_lr(total_batch, self.warmup_lr) if scale else self.warmup_lr,
+                self.total_lr(total_batch, self.min_lr) if scale else self.min_lr)
 
     def replace(self, **changes: Any) -> "Recipe":
         """A copy with ``changes``; every value is checked against its field's type (ints refuse
@@ -116,7 +127,7 @@ _BOUNDS: dict[str, tuple[str, float]] = {
     "backbone_lr_scale": ("ge", 0), "clip_grad": ("gt", 0), "drop_path": ("ge", 0), "smoothing": ("ge", 0),
     "mixup": ("ge", 0), "cutmix": ("ge", 0), "mixup_prob": ("ge", 0), "mixup_switch_prob": ("ge", 0),
     "color_jitter": ("ge", 0), "reprob": ("ge", 0), "recount": ("ge", 1), "hflip": ("ge", 0),
-    "repeated_aug": ("ge", 0), "kd_weight": ("ge", 0), "ratio_weight": ("ge", 0), "token_weight": ("ge", 0),
+    "repeated_aug": ("ge", 0), "ce_weight": ("ge", 0), "kd_weight": ("ge", 0), "ratio_weight": ("ge", 0), "token_weight": ("ge", 0),
     "cut_weight": ("ge", 0), "feature_weight": ("ge", 0), "shrink_start_epoch": ("ge", 0), "shrink_epochs": ("ge", 0),
 }
 _AT_MOST_ONE = ("drop_path", "smoothing", "mixup_prob", "mixup_switch_prob", "reprob", "hflip")
@@ -126,6 +137,7 @@ _CHOICES = {"mixup_mode": ("batch", "pair", "elem"), "remode": ("pixel", "rand",
             "cut_loss_layers": ("all", "alternate"), "logits_from": ("output", "class_head"),
             "token_target": ("tokens", "token_logits"), "feature_target": ("class_token", "tokens"),
             "feature_norm": ("channels", "tokens"),
+            "kd_norm": ("batch", "batch-classes"),
             "interpolation": ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos", "random")}
 
 
@@ -307,6 +319,14 @@ RECIPES: dict[str, Recipe] = {
         epochs=3, batch_size=32, lr=1e-4, lr_base_batch=None, min_lr=1e-5, warmup_epochs=0, weight_decay=0.05,
         mixup=0.0, cutmix=0.0, auto_augment=None, color_jitter=0.0, reprob=0.0, scale=(0.85, 1.0), hflip=0.0,
         repeated_aug=0, smoothing=0.1, drop_path=0.0),
+    "swin-idle": Recipe(
+        name="swin-idle", description="IdleViT on Swin (score='predictor', experimental): 30 epochs, 5 warm-up, "
+        "lr 5e-4 x batch/512 (warm-up and min lr scaled alike), AdamW, clip 5, drop path 0.2, "
+        "0.5 CE + 0.5 KD (per class) + keep-ratio loss",
+        epochs=30, batch_size=256, lr=5e-4, lr_base_batch=512, warmup_lr=1e-6, min_lr=1e-5, scale_schedule_lrs=True,
+        warmup_epochs=5, weight_decay=0.05, clip_grad=5.0, drop_path=0.2, amp=True,
+        auto_augment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0, reprob=0.25, smoothing=0.1, repeated_aug=0,
+        ce_weight=0.5, kd_weight=0.5, kd_norm="batch-classes", ratio_weight=1.0, cut_weight=0.0, feature_weight=0.0),
 }
 RECIPES["tps"] = dataclasses.replace(RECIPES["dtps"], name="tps")
 # LV-ViT (docs/models/lvvit.md, "Training"): the papers' schedules, with LV-ViT's loss targets
