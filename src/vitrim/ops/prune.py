@@ -38,6 +38,7 @@ __all__ = [
     "gumbel_softmax_hard",
     "masked_mean",
     "softmax_with_policy",
+    "policy_attention",
     "attend_with_policy",
 ]
 
@@ -319,23 +320,75 @@ def softmax_with_policy(logits: torch.Tensor, policy: torch.Tensor, eps: float =
     return ((a + eps / T) / (a.sum(dim=-1, keepdim=True) + eps)).to(logits.dtype)
 
 
+def policy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: torch.Tensor, scale: float,
+                     eps: float = 1e-6) -> torch.Tensor:
+    """``softmax_with_policy(q k^T * scale, policy) @ v`` without the policy-masked ``[T, T]`` matrix.
+
+    The key mask goes onto the values instead of the attention matrix. With ``e_ij = exp(A_ij - m_i)``
+    (``m_i`` the row max over all keys) and ``G_ij = P_j + (1 - P_j) delta_ij``::
+
+        sum_j e_ij G_ij v_j = e @ (P * v) + e_ii (1 - P_i) v_i
+        sum_j e_ij G_ij     = e @ P       + e_ii (1 - P_i)
+
+    so one matmul ``e @ [P * v, P]`` (``[B, H, T, d + 1]``) gives the numerator and the row sum, the
+    query's own key is added from the diagonal ``e_ii`` (computed row-wise from ``q`` and ``k``), and the
+    ``eps`` terms of :func:`softmax_with_policy` are applied to the ``[B, H, T, d]`` result:
+    ``out_i = (sum_j e_ij G_ij v_j + eps/T sum_j v_j) / (sum_j e_ij G_ij + eps)``. The only ``[T, T]``
+    work left is the logits, the max, one ``exp`` and the matmul (and their backward), instead of the
+    masked product, the ``eps`` sum and the division over ``[B, H, T, T]``; the gradient still reaches
+    every key's policy entry (dropped ones included) through ``P * v`` and ``P``.
+
+    Equal to the explicit formula to float rounding (tested at 1e-5, values and gradients). The row
+    max keeps its gradient (it does not cancel inside the ``eps`` terms, which dominate a row whose
+    allowed keys all score far below its best dropped key); it flows through the one logit
+    ``q_i . k_argmax`` instead of a ``[T, T]`` max backward. No attention dropout: with dropout on
+    the probabilities use :func:`softmax_with_policy`.
+
+    Args:
+        q, k, v: ``[B, H, T, d]`` (after q/k-norm); policy: ``[B, T, 1]`` (1 = alive);
+        scale: the logit scale (``d ** -0.5``).
+
+    Returns:
+        ``[B, H, T, d]`` in ``v``'s dtype (the softmax part in fp32 at least, as :func:`softmax_with_policy`).
+    """
+    B, H, T, d = q.shape
+    acc = torch.promote_types(v.dtype, torch.float32)   # fp32 for fp16 / bf16 / fp32, fp64 stays fp64
+    qs = q * scale
+    logits = (qs @ k.transpose(-2, -1)).to(acc)                                 # [B, H, T, T]
+    m, top = logits.detach().max(dim=-1, keepdim=True)                           # [B, H, T, 1]
+    # the max's gradient (it matters inside the eps terms) from the one logit it is: q_i . k_argmax
+    top_logit = (qs * k.gather(2, top.expand(B, H, T, d))).sum(dim=-1, keepdim=True).to(acc)
+    m = m + (top_logit - top_logit.detach())
+    e = (logits - m).exp_()           # in place: the subtraction keeps nothing for backward
+    p = policy.reshape(B, 1, T, 1).to(v.dtype)                                   # keys (and queries)
+    nu = (e.to(v.dtype) @ torch.cat([v * p, p.expand(B, H, T, 1)], dim=-1)).to(acc)   # [B, H, T, d + 1]
+    own = ((qs * k).sum(dim=-1, keepdim=True).to(acc) - m).exp() * (1 - p.to(acc))     # e_ii (1 - P_i)
+    vf = v.to(acc)
+    num = torch.addcmul(nu[..., :d], own, vf) + (eps / T) * vf.sum(dim=-2, keepdim=True)
+    return (num / (nu[..., d:] + own + eps)).to(v.dtype)
+
+
 def attend_with_policy(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        policy: torch.Tensor) -> torch.Tensor:
     """Attention of a timm ``Attention`` module's ``q, k, v: [B, H, T, d]`` under a keep policy.
 
-    When the policy needs a gradient (training with a predictor), the explicit eps formula of
-    :func:`softmax_with_policy` is used (a boolean mask would cut the predictor's gradient).
-    Otherwise, on the fused path, SDPA runs with the allowed keys as a ``0 / -inf`` mask (the
-    allowed fast path; it differs by the eps terms, ~1e-6).
+    When the policy needs a gradient (training with a predictor), or the module does not use fused
+    attention, the explicit eps formula of :func:`softmax_with_policy` is computed, as
+    :func:`policy_attention` (the same values and gradients without the masked ``[T, T]`` products;
+    with attention dropout active, :func:`softmax_with_policy` itself). A boolean mask would cut
+    the predictor's gradient. Otherwise, on the fused path, SDPA runs with the allowed keys as a
+    ``0 / -inf`` mask (the allowed fast path; it differs by the eps terms, ~1e-6).
 
     Returns:
         ``[B, H, T, d]``.
     """
     needs_grad = torch.is_grad_enabled() and policy.requires_grad
+    dropout = attn.attn_drop.p if attn.training else 0.0
     if attn.fused_attn and not needs_grad:
         allowed = _policy_keys(policy) > 0
         bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                              dropout_p=attn.attn_drop.p if attn.training else 0.0)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+    if dropout == 0.0:
+        return policy_attention(q, k, v, policy, attn.scale)
     logits = (q * attn.scale) @ k.transpose(-2, -1)
     return attn.attn_drop(softmax_with_policy(logits, policy)) @ v

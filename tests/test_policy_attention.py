@@ -1,0 +1,121 @@
+"""The cheaper masked training form of DynamicViT / dTPS (``ops.prune.policy_attention``) gives the
+values and gradients of the explicit "softmax with policy" formula (docs/methods/pruning.md, "DynamicViT";
+docs/training.md, "Training speed")."""
+import copy
+
+import pytest
+import torch
+from timm.models.vision_transformer import Attention
+
+import vitrim
+import vitrim.ops.prune as prune
+from vitrim.cli.measure import training_loss
+from vitrim.ops.attention import split_qkv
+from vitrim.ops.prune import attend_with_policy, policy_attention, softmax_with_policy
+from conftest import small_vit
+
+
+def explicit(q, k, v, policy, scale):
+    """The reference: the formula of softmax_with_policy on the full [T, T] matrix, then @ v."""
+    return softmax_with_policy((q * scale) @ k.transpose(-2, -1), policy) @ v
+
+
+def grads(fn, q, k, v, policy, upstream):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, policy)]
+    out = fn(*leaves, q.shape[-1] ** -0.5)
+    out.backward(upstream)
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def formula(q, k, v, policy, scale, eps=1e-6):
+    """The explicit formula in the inputs' own dtype (softmax_with_policy computes in fp32)."""
+    a = (q * scale) @ k.transpose(-2, -1)
+    a = (a - a.amax(dim=-1, keepdim=True)).exp() * prune._policy_keys(policy)
+    return ((a + eps / a.shape[-1]) / (a.sum(dim=-1, keepdim=True) + eps)) @ v
+
+
+def inputs(kind, dtype, spread):
+    g = torch.Generator().manual_seed(0)
+    B, H, T, d = 3, 2, 11, 8
+    q, k, v = (torch.randn(B, H, T, d, generator=g, dtype=dtype) * spread for _ in range(3))
+    if kind == "binary":
+        policy = (torch.rand(B, T, 1, generator=g) > 0.4).to(dtype)
+        policy[:, 0] = 1
+        policy[2, 1:] = 0  # a sample with only the class token alive
+    elif kind == "soft":
+        policy = torch.rand(B, T, 1, generator=g, dtype=dtype)
+    else:
+        policy = torch.ones(B, T, 1, dtype=dtype)
+    return q, k, v, policy, torch.randn(B, H, T, d, generator=g, dtype=dtype)
+
+
+KINDS = ["binary", "soft", "all alive"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_policy_attention_is_the_explicit_formula_in_float64(kind):
+    """The same mathematics, values and gradients, even for rows the eps terms dominate (large logits,
+    a sample with one alive token: the row max's gradient matters there)."""
+    q, k, v, policy, upstream = inputs(kind, torch.float64, spread=2.0)
+    ref = grads(formula, q, k, v, policy, upstream)
+    new = grads(policy_attention, q, k, v, policy, upstream)
+    for name, a, b in zip(["out", "dq", "dk", "dv", "dpolicy"], new, ref):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
+    if kind == "binary":
+        assert ref[4][policy == 0].abs().sum() > 0  # dropped keys get a gradient (straight-through)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_policy_attention_equals_softmax_with_policy_in_float32(kind):
+    q, k, v, policy, upstream = inputs(kind, torch.float32, spread=1.0)
+    ref = grads(explicit, q, k, v, policy, upstream)
+    new = grads(policy_attention, q, k, v, policy, upstream)
+    for name, a, b in zip(["out", "dq", "dk", "dv", "dpolicy"], new, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_attend_with_policy_uses_it_in_training_and_the_formula_with_dropout():
+    torch.manual_seed(0)
+    attn = Attention(16, num_heads=2).train()
+    q, k, v = split_qkv(attn, torch.randn(2, 6, 16))
+    policy = torch.tensor([1, 1, 0, 1, 0, 1.0]).view(1, 6, 1).expand(2, -1, -1).clone().requires_grad_()
+    torch.testing.assert_close(attend_with_policy(attn, q, k, v, policy),
+                               explicit(q, k, v, policy, attn.scale), atol=1e-5, rtol=1e-5)
+    attn.attn_drop.p = 0.5  # dropout acts on the probabilities: the explicit matrix is kept
+    torch.manual_seed(1)
+    out = attend_with_policy(attn, q, k, v, policy)
+    torch.manual_seed(1)
+    ref = torch.nn.functional.dropout(softmax_with_policy((q * attn.scale) @ k.transpose(-2, -1), policy), 0.5) @ v
+    torch.testing.assert_close(out, ref)
+
+
+def _old_attend(attn, q, k, v, policy):
+    logits = (q * attn.scale) @ k.transpose(-2, -1)
+    return attn.attn_drop(softmax_with_policy(logits, policy)) @ v
+
+
+@pytest.mark.parametrize("method", ["dynamicvit", "dtps"])
+def test_training_step_loss_and_gradients_equal_the_explicit_form(method, monkeypatch):
+    """One training step (forward, cross-entropy + the method's terms, backward) of a reduced model:
+    the loss and every parameter's gradient (predictors included) equal the explicit formula's."""
+    base = small_vit(img_size=64, patch_size=8, embed_dim=48, depth=6, num_heads=3)
+    model = vitrim.apply(base, method, keep_rate=0.6, locations=(1, 3)).train()
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([1, 2, 3, 4])
+
+    def step(m):
+        torch.manual_seed(7)  # the same Gumbel noise in both runs
+        m.zero_grad(set_to_none=True)
+        loss = training_loss(m, x, y)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    loss_new, grads_new = step(model)
+    reference = copy.deepcopy(model)
+    import importlib
+    monkeypatch.setattr(importlib.import_module("vitrim.methods._pruning"), "attend_with_policy", _old_attend)
+    loss_ref, grads_ref = step(reference)
+    torch.testing.assert_close(loss_new, loss_ref, atol=1e-5, rtol=1e-5)
+    assert grads_new.keys() == grads_ref.keys() and any("predictors" in n for n in grads_new)
+    for n in grads_ref:
+        torch.testing.assert_close(grads_new[n], grads_ref[n], atol=1e-5, rtol=1e-5, msg=n)
