@@ -228,33 +228,3 @@ def test_bf16_autocast(train):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(X)
     assert torch.isfinite(out.float()).all()
-
-
-@pytest.mark.parametrize("stage", [0, 1, 3])
-def test_cpu_batch_chunks_equal_one_batch(stage, monkeypatch):
-    """The CPU gather form runs the batch in chunks (a memory budget): the same selection, idle rows
-    bit-identical to the input, computed rows and the whole model equal to the one-batch run within
-    float rounding (a matrix product's blocking may depend on its row count)."""
-    import vitrim.ops.idle as idle_ops
-    model = small_pvt()
-    side = 16 // 2 ** stage
-    block = model.stages[stage].blocks[0]
-    x = torch.randn(5, side * side, block.attn.dim, generator=torch.Generator().manual_seed(4))
-    hidden = block.mlp.fc1.out_features
-    with torch.no_grad():
-        monkeypatch.setattr(idle_ops, "PVT_CHUNK_BYTES", 1 << 40)
-        assert idle_ops.pvt_chunk_size(x, hidden) == 5
-        whole, whole_i = pvt_idle_block_gather(block, x, side * side // 2, (side, side))
-        ref = vitrim.apply(copy.deepcopy(model), "idle", keep_rate=0.5)(X)
-        per_sample = side * side * hidden * 4
-        monkeypatch.setattr(idle_ops, "PVT_CHUNK_BYTES", 2 * per_sample)
-        assert idle_ops.pvt_chunk_size(x, hidden) == 2                      # chunks of 2, 2, 1
-        chunked, chunked_i = pvt_idle_block_gather(block, x, side * side // 2, (side, side))
-        monkeypatch.setattr(idle_ops, "PVT_CHUNK_BYTES", 1)
-        assert idle_ops.pvt_chunk_size(x, hidden) == 1
-        out = vitrim.apply(copy.deepcopy(model), "idle", keep_rate=0.5)(X)
-    assert torch.equal(chunked_i, whole_i)
-    mask = index_to_mask(chunked_i, side * side)
-    assert torch.equal(chunked[~mask], x[~mask])
-    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)

@@ -39,7 +39,7 @@ __all__ = [
     "IdleRecord", "keep_count", "gather_rows", "scatter_rows", "select_rows", "index_to_mask",
     "scores_through_linear_keys", "low_rank_scoring", "rank_scores", "idle_scores", "head_mean_logits",
     "idle_block_gather", "idle_block_masked", "idle_block_train",
-    "pvt_scores", "pvt_keys_values", "pvt_mlp", "pvt_chunk_size", "pvt_idle_block_gather", "pvt_idle_block_masked",
+    "pvt_scores", "pvt_keys_values", "pvt_mlp", "pvt_idle_block_gather", "pvt_idle_block_masked",
 ]
 
 
@@ -396,62 +396,9 @@ def _pvt_attend(attn: nn.Module, z: torch.Tensor, rows: torch.Tensor, feat_size:
     return attn.proj_drop(attn.proj(out))
 
 
-PVT_CHUNK_BYTES = 16 << 20
-"""CPU working-set budget of :func:`pvt_idle_block_gather`: the samples of one chunk have a hidden map
-(``b x N x hidden``) of at most this many bytes (at least one sample per chunk)."""
-
-
-def pvt_chunk_size(x: torch.Tensor, hidden: int) -> int:
-    """Samples per chunk of the PVT-v2 gather form: the whole batch off the CPU; on the CPU as many
-    samples as keep the ``[b, N, hidden]`` hidden map within :data:`PVT_CHUNK_BYTES`.
-
-    On the CPU the full-map parts of an idle block (the hidden map for the depthwise conv, its output,
-    the final scatter) are memory-bound: a batch-32 map of stage 2 (``pvt_v2_b1``: 784 x 1024) is 103 MB,
-    and every fresh allocation that large is page-faulted in on first touch (glibc serves requests
-    over 32 MB by ``mmap``) and streamed through DRAM. Chunks of a few samples stay in the heap and
-    the cache. Each sample's rows are computed by the same operations as in one batch (equal within
-    float rounding: a matrix product's blocking may depend on its row count).
-
-    Args:
-        x: ``[B, N, C]`` the block input; hidden: the MLP's hidden width.
-    """
-    B, N, _ = x.shape
-    if x.device.type != "cpu":
-        return B
-    return max(1, min(B, PVT_CHUNK_BYTES // max(1, N * hidden * x.element_size())))
-
-
-def _pvt_gather_rows_block(block: nn.Module, x: torch.Tensor, keep: int,
-                           feat_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`pvt_idle_block_gather` on one chunk of samples ``x: [b, N, C]``."""
-    attn, mlp = block.attn, block.mlp
-    B, N, C = x.shape
-    H, W = feat_size
-    z = block.norm1(x)
-    index = select_rows(pvt_scores(attn, z), keep, 0)
-    flat = _flat(index, N)                                            # one flat index for every gather and the scatter
-    xs = x.reshape(B * N, C).index_select(0, flat)                   # [b K, C]
-    zs = z.reshape(B * N, C).index_select(0, flat).view(B, keep, C)
-    xs = xs + block.drop_path1(_pvt_attend(attn, z, zs, feat_size).reshape(B * keep, C))
-    # MLP: fc1 on the computed rows, placed on a zero map for the 3x3 depthwise conv (idle tokens are
-    # absent from the MLP), the conv read back at the computed rows only
-    h = mlp.relu(mlp.fc1(block.norm2(xs.view(B, keep, C))))          # [b, K, hidden]
-    hidden = h.shape[-1]
-    h = h.reshape(B * keep, hidden)
-    full = h.new_zeros(B * N, hidden).index_copy_(0, flat, h)        # this function's own buffer: in place
-    full = mlp.dwconv(full.view(B, N, hidden).transpose(1, 2).view(B, hidden, H, W))  # channels-last, as timm
-    h = full.permute(0, 2, 3, 1).reshape(B * N, hidden).index_select(0, flat)
-    xs = xs + block.drop_path2(mlp.drop(mlp.fc2(mlp.drop(mlp.act(h)))))
-    return x.reshape(B * N, C).index_copy(0, flat, xs).view(B, N, C), index
-
-
 def pvt_idle_block_gather(block: nn.Module, x: torch.Tensor, keep: int,
                           feat_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """One idle PVT-v2 block, inference form: queries, projection and MLP on the top-K rows only.
-
-    Keys/values (spatial reduction) and the MLP's depthwise conv see the full ``H x W`` map (idle
-    rows with their current values, and zeros in the conv's hidden map: :func:`pvt_mlp`). On the CPU
-    the batch runs in chunks of :func:`pvt_chunk_size` samples (the same operations per sample).
 
     Args:
         x: ``[B, N, C]`` with ``N = H * W``; keep: ``K``; feat_size: ``(H, W)``.
@@ -459,11 +406,14 @@ def pvt_idle_block_gather(block: nn.Module, x: torch.Tensor, keep: int,
     Returns:
         ``(out [B, N, C], index [B, K])``; idle rows of ``out`` equal ``x``'s.
     """
-    b = pvt_chunk_size(x, block.mlp.fc1.out_features)
-    if b >= x.shape[0]:
-        return _pvt_gather_rows_block(block, x, keep, feat_size)
-    outs, indices = zip(*(_pvt_gather_rows_block(block, part, keep, feat_size) for part in x.split(b)))
-    return torch.cat(outs), torch.cat(indices)
+    attn = block.attn
+    N = x.shape[1]
+    z = block.norm1(x)
+    index = select_rows(pvt_scores(attn, z), keep, 0)
+    xs = gather_rows(x, index)
+    xs = xs + block.drop_path1(_pvt_attend(attn, z, gather_rows(z, index), feat_size))
+    xs = xs + block.drop_path2(pvt_mlp(block.mlp, block.norm2(xs), index, feat_size, N))
+    return scatter_rows(x, index, xs), index
 
 
 def pvt_idle_block_masked(block: nn.Module, x: torch.Tensor, keep: int, feat_size: tuple[int, int]
