@@ -14,7 +14,8 @@ This module registers no adapter.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Optional
+import contextlib
+from typing import Any, Callable, ClassVar, Iterator, Optional
 
 import torch
 from torch import nn
@@ -168,6 +169,20 @@ class HFTrunkAdapter(Adapter):
         head = sum(linear_macs(h) for h in self.head_modules())
         return price_blocks(self.blocks(), method, num_patches + self.info().num_prefix_tokens,
                             self.embed_macs(num_patches), head)
+
+    @contextlib.contextmanager
+    def explicit_attention(self) -> Iterator[None]:
+        """``attn_implementation="eager"`` for the forward (HF layers pick their kernel from the config)."""
+        configs = {id(m.config): m.config for m in self.model.modules()
+                   if hasattr(getattr(m, "config", None), "_attn_implementation")}
+        saved = [(c, c._attn_implementation) for c in configs.values()]
+        try:
+            for c, _ in saved:
+                c._attn_implementation = "eager"
+            yield
+        finally:
+            for c, impl in saved:
+                c._attn_implementation = impl
 
     # ------------------------------------------------------------------ install
     def install(self, method: ReductionMethod) -> None:
