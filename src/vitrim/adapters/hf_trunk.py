@@ -261,7 +261,7 @@ def _run(self, inputs: torch.Tensor, keep_hidden: bool = False, bool_masked_pos:
 def check_kwargs(self, kwargs: dict) -> None:
     """Refuse the inputs a reduced forward cannot honour, with why."""
     for key, value in kwargs.items():
-        if key in _REFUSED and value not in (None, False):
+        if key in _REFUSED and value is not None and value is not False:
             raise VitrimError(f"{key} is not supported on a vitrim-reduced model: {_REFUSED[key]}; "
                               f"vitrim.remove(model) restores the original behaviour")
         if key not in _REFUSED and value is not None:
