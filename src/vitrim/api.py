@@ -119,6 +119,7 @@ def traced_flops(model: nn.Module, img_size: ImgSize = None, detail: bool = Fals
     param = next(model.parameters(), None)
     if param is None:
         raise VitrimError(f"{type(model).__name__} has no parameters to trace a forward with")
-    x = torch.zeros(1, 3, *size, device=param.device, dtype=param.dtype)
-    gmacs, info = count_traced(model, x)
+    adapter = get_adapter(model)
+    x = torch.zeros(1, *adapter.input_shape(size), device=param.device, dtype=param.dtype)
+    gmacs, info = count_traced(model, x, adapter.explicit_attention)
     return (gmacs, info) if detail else gmacs

@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .adapters import resolve_img_size
+from .adapters import get_adapter, resolve_img_size
 from .checks import writable_file
 from .errors import VitrimError
 
@@ -79,11 +79,23 @@ def _require_onnx() -> None:
                           f"pip install 'vitrim[onnx]' (onnx, onnxscript and onnxruntime for --verify)")
 
 
-def _input_size(input_size: Sequence[int]) -> tuple[int, int, int, int]:
-    if isinstance(input_size, (str, bytes)) or len(input_size) != 4 \
+def _input_size(input_size: Sequence[int]) -> tuple[int, ...]:
+    if isinstance(input_size, (str, bytes)) or len(input_size) < 3 \
             or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_size):
-        raise VitrimError(f"input_size must be (batch, channels, height, width) positive ints, got {tuple(input_size)!r}")
-    return tuple(input_size)  # type: ignore[return-value]
+        raise VitrimError(f"input_size must be (batch, channels, height, width) positive ints (video: (batch, frames, "
+                          f"channels, height, width); spectrograms: (batch, time, freq)), got {tuple(input_size)!r}")
+    return tuple(input_size)
+
+
+def _check_input_shape(model: nn.Module, size: tuple[int, ...]) -> None:
+    """The model can run ``size``: its size (the last two dimensions) and, beyond images, its adapter's
+    sample shape (``Adapter.input_shape``)."""
+    resolve_img_size(model, size[-2:])  # fixed or patch-multiple sizes
+    expected = tuple(get_adapter(model).input_shape(size[-2:]))
+    image = len(size) == 4 and len(expected) == 3 and size[2:] == expected[1:]  # images: any channel count
+    if not image and tuple(size[1:]) != expected:
+        raise VitrimError(f"input_size {size} does not fit {type(model).__name__}; accepted: (batch, "
+                          f"{', '.join(map(str, expected))})")
 
 
 def export_onnx(model: nn.Module, path: Union[str, os.PathLike], input_size: Sequence[int] = (1, 3, 224, 224), *,
@@ -93,7 +105,8 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], input_size: Seq
     Args:
         model: a timm or Hugging Face model, with or without a vitrim method.
         path: the ``.onnx`` file to write (weights inline; beside it as ``<path>.data`` above 1 GB).
-        input_size: ``(B, 3, H, W)`` of the one input, ``pixel_values``; fixed in the graph.
+        input_size: ``(B, 3, H, W)`` of the one input, ``pixel_values``; fixed in the graph (other families:
+            ``(B, *Adapter.input_shape())``, e.g. video ``(B, T, C, H, W)``, AST ``input_values`` ``(B, time, freq)``).
         opset: ONNX opset (>= 17; 18 by default, which also has ``ScatterElements`` ``max``).
         check: validate the written graph with :func:`check_onnx`.
 
@@ -112,7 +125,7 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], input_size: Seq
                           f"(torch >= 2.6); this is torch {torch.__version__}")
     _require_onnx()
     size = _input_size(input_size)
-    resolve_img_size(model, size[2:])  # the model can run this input (fixed or patch-multiple sizes)
+    _check_input_shape(model, size)
     path = str(writable_file(path, "ONNX file", (".onnx",)))
     param = next(model.parameters())
     x = torch.randn(*size, device=param.device, dtype=param.dtype)
@@ -123,7 +136,7 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], input_size: Seq
         nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
         torch.onnx.export(
             _FirstOutput(model).eval(), (x,), path, dynamo=True, opset_version=opset,
-            input_names=["pixel_values"], output_names=[name],
+            input_names=[getattr(get_adapter(model), "input_name", "pixel_values")], output_names=[name],
             custom_translation_table={torch.ops.aten.sort.stable: _sort_stable},
             external_data=nbytes > _EXTERNAL_DATA_BYTES, verbose=False,
         )

@@ -11,16 +11,79 @@ from torch import nn
 
 from .errors import VitrimError
 
-__all__ = ["create_model", "load_checkpoint", "read_checkpoint", "state_dict_of"]
+__all__ = ["create_model", "create_hf_model", "is_hf_name", "hf_has_weights", "load_checkpoint", "read_checkpoint",
+           "state_dict_of"]
+
+HF_PREFIX = "hf:"
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def is_hf_name(name: str) -> bool:
+    """``hf:PATH_OR_HUB_ID``, or a local folder with a ``config.json`` (what ``save_pretrained`` writes)."""
+    return isinstance(name, str) and (name.startswith(HF_PREFIX) or (
+        os.path.isdir(name) and os.path.isfile(os.path.join(name, "config.json"))))
+
+
+def _hf_location(name: str) -> str:
+    return name[len(HF_PREFIX):] if name.startswith(HF_PREFIX) else name
+
+
+def hf_has_weights(name: str) -> bool:
+    """Whether an HF model name is a local folder that holds weights (not only a config)."""
+    loc = _hf_location(name)
+    return is_hf_name(name) and os.path.isdir(loc) and any(os.path.isfile(os.path.join(loc, f)) for f in _HF_WEIGHTS)
+
+
+def create_hf_model(name: str) -> nn.Module:
+    """The transformers model of ``hf:PATH`` (a ``save_pretrained`` folder or a hub id): the class named by
+    its config's ``architectures``, with the folder's weights (``from_pretrained``) when it has them,
+    else randomly initialised from the config."""
+    try:
+        import transformers
+    except ImportError:
+        raise VitrimError(f"{name!r} names a Hugging Face model, which needs transformers: pip install transformers") \
+            from None
+    loc = _hf_location(name)
+    if not loc:
+        raise VitrimError(f"{name!r}: give the folder (or hub id) after 'hf:', e.g. hf:./my_videomae")
+    try:
+        config = transformers.AutoConfig.from_pretrained(loc)
+    except (OSError, ValueError) as err:
+        raise VitrimError(f"could not read a Hugging Face config from {loc!r} ({type(err).__name__}: {str(err)[:300]}); "
+                          f"accepted: a folder written by save_pretrained (config.json, weights) or, where the hub "
+                          f"is reachable, a hub id") from None
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+    if cls is None:
+        raise VitrimError(f"{loc!r}: its config.json names no transformers architecture ({arch!r}); accepted: "
+                          f"folders written by a model's save_pretrained")
+    if os.path.isdir(loc) and not hf_has_weights(name):
+        return cls(config)
+    try:
+        return cls.from_pretrained(loc)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise VitrimError(f"could not load the Hugging Face weights of {loc!r} ({type(err).__name__}: "
+                          f"{str(err)[:300]})") from None
 
 
 def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] = None,
                  img_size: Optional[int] = None, **kwargs) -> nn.Module:
-    """``timm.create_model`` with vitrim's checks; ``checkpoint`` loads a local state dict."""
+    """``timm.create_model`` with vitrim's checks; ``checkpoint`` loads a local state dict.
+
+    ``hf:PATH`` (or a folder holding a ``config.json``, as ``save_pretrained`` writes it) builds a
+    Hugging Face transformers model instead (:func:`create_hf_model`)."""
     import timm
 
     if not isinstance(name, str) or not name:
         raise VitrimError(f"model must be a timm model name (str), got {name!r}")
+    if is_hf_name(name):
+        if kwargs:
+            raise VitrimError(f"model arguments {', '.join(kwargs)} apply to timm models only; a Hugging Face "
+                              f"model takes its shape from its config.json")
+        model = create_hf_model(name)
+        if checkpoint is not None:
+            load_checkpoint(model, checkpoint)
+        return model
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         raise VitrimError(f"unknown timm model {name!r}" + (f"; similar names: {', '.join(close)}" if close else "")

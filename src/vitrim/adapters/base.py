@@ -36,6 +36,7 @@ Adding a family: ``docs/architecture.md``, "Adding a model family".
 """
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar, Optional
 
@@ -193,6 +194,24 @@ class Adapter(ABC):
     @abstractmethod
     def num_patches(self, img_size: Optional[ImgSize] = None) -> int:
         """Patch tokens entering the first block for an input of ``img_size`` (prefix excluded)."""
+
+    def input_shape(self, img_size: Optional[ImgSize] = None) -> tuple[int, ...]:
+        """One sample's input shape for an input of ``img_size`` (what dummy inputs of ``bench``,
+        ``flops --traced`` and ``export`` are made with): images ``(3, H, W)``; other families their own
+        (video ``(T, C, H, W)``, spectrograms ``(time, freq)``)."""
+        h, w = self.default_img_size() if img_size is None else img_size
+        return 3, int(h), int(w)
+
+    def frames(self) -> int:
+        """Time steps stacked along the height of :meth:`grid_size` (video: the tubelet steps; else 1)."""
+        return 1
+
+    def explicit_attention(self) -> "contextlib.AbstractContextManager":
+        """A context in which the model computes attention with explicit matmuls (what ``traced_flops``
+        re-counts with when ``FlopCounterMode`` has no formula for the fused kernel); by default every
+        module's ``fused_attn`` flag is switched off."""
+        from ..measure.flops import explicit_attention
+        return explicit_attention(self.model)
 
     def output_grid(self, img_size: Optional[ImgSize] = None) -> ImgSize:
         """``(h, w)`` grid of the final patch tokens when none were removed (pyramids: the last stage)."""

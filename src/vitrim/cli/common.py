@@ -17,7 +17,7 @@ from ..errors import VitrimError
 from ..methods.base import get_method_class, method_names, parse_option_value
 
 __all__ = ["DEFAULT_MODEL", "DEFAULT_METHOD", "literal", "add_model_args", "method_options", "build_models",
-           "label", "device_of", "input_hw", "is_no_method"]
+           "label", "device_of", "input_hw", "input_shape", "is_no_method"]
 
 #: user-facing defaults of the commands that take a timm model and a method
 DEFAULT_MODEL = "deit_small_patch16_224"
@@ -44,7 +44,9 @@ def add_model_args(p: argparse.ArgumentParser, default_model: Optional[str] = DE
     """``--model``, ``--pretrained``, ``--checkpoint``, ``--img-size``, ``--target-gmacs``, ``--method`` and
     one ``--<option>`` per method option (Python literals)."""
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=default_model, help=f"timm model name (default: {default_model or 'the embedded model'})")
+    g.add_argument("--model", default=default_model,
+                   help=f"timm model name, or hf:PATH for a Hugging Face model folder (save_pretrained) "
+                        f"(default: {default_model or 'the embedded model'})")
     g.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs the hub or its cache)")
     g.add_argument("--checkpoint", metavar="PATH", help="load a local state dict into the model")
     g.add_argument("--img-size", type=int, help="input resolution (default: the model's own)")
@@ -80,7 +82,7 @@ def method_options(args: argparse.Namespace) -> dict[str, Any]:
 def build_models(args: argparse.Namespace):
     """``(unreduced, reduced or None, options)`` from the model and method arguments; a checkpoint is
     loaded after ``apply``, so a reduced model's checkpoint (with ``vitrim.*`` weights) loads too."""
-    from ..models import create_model, load_checkpoint, read_checkpoint, state_dict_of
+    from ..models import create_model, hf_has_weights, load_checkpoint, read_checkpoint, state_dict_of
 
     base = create_model(args.model, pretrained=args.pretrained, img_size=args.img_size)
     base.eval()
@@ -95,7 +97,7 @@ def build_models(args: argparse.Namespace):
         if reduced is not None:
             load_checkpoint(reduced, state, path=args.checkpoint)
         load_checkpoint(base, state, ignore_prefix="vitrim.", path=args.checkpoint)
-    if not (args.pretrained or args.checkpoint):
+    if not (args.pretrained or args.checkpoint or hf_has_weights(args.model)):
         print(f"note: {args.model} has random weights (no --pretrained/--checkpoint): "
               f"FLOPs and speed are valid, accuracy is not", file=sys.stderr)
     return base, reduced, options
@@ -114,3 +116,9 @@ def device_of(name: Optional[str]) -> torch.device:
 def input_hw(model: nn.Module, img_size: Optional[int]) -> tuple[int, int]:
     """``(H, W)`` of the input: ``img_size`` square, else the model's default."""
     return (img_size, img_size) if img_size else tuple(get_adapter(model).default_img_size())
+
+
+def input_shape(model: nn.Module, img_size: Optional[int]) -> tuple[int, ...]:
+    """One sample's input shape (images ``(3, H, W)``; video ``(T, C, H, W)``; spectrograms ``(time, freq)``),
+    asked of the model's adapter for ``img_size`` square or the model's default size."""
+    return tuple(get_adapter(model).input_shape(input_hw(model, img_size)))

@@ -6,7 +6,7 @@ import sys
 
 from ..checks import positive_int, writable_file
 from ..export import DEFAULT_OPSET, check_onnx, export_onnx, verify_onnx
-from .common import add_model_args, build_models, input_hw
+from .common import add_model_args, build_models, input_shape
 
 __all__ = ["add_export_parser", "cmd_export"]
 
@@ -32,8 +32,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     positive_int(args.batch_size, "--batch-size")
     base, reduced, options = build_models(args)
     model = reduced if reduced is not None else base
-    h, w = input_hw(model, args.img_size)
-    size = (args.batch_size, 3, h, w)
+    size = (args.batch_size, *input_shape(model, args.img_size))
     path = export_onnx(model, args.output, input_size=size, opset=args.opset, check=False)
     summary = check_onnx(path, input_size=size)
     label = args.method if reduced is not None else "none"

@@ -12,7 +12,7 @@ from ..api import flops, flops_report, traced_flops
 from ..checks import non_negative_int, positive_int
 from ..measure.bench import benchmark, benchmark_training
 from ..progress import Progress
-from .common import add_model_args, build_models, device_of, input_hw, label
+from .common import add_model_args, build_models, device_of, input_shape, label
 
 __all__ = ["add_measure_parsers", "cmd_bench", "cmd_flops", "training_loss"]
 
@@ -63,7 +63,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.compile:
         models = {k: torch.compile(v) for k, v in models.items()}
     precisions = args.precision or (["fp16"] if args.train and device.type == "cuda" else ["fp32"])
-    h, w = input_hw(base, args.img_size)
+    sample = input_shape(base, args.img_size)
     results = []
     total = len(args.batch_size) * len(precisions) * args.repeats
     loss_fns = {name: training_loss for name in models}
@@ -71,7 +71,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for precision in precisions:
             for bs in args.batch_size:
                 bar.set_postfix_str(f"batch {bs}, {precision}")
-                common = dict(batch_size=bs, input_size=(3, h, w), device=device, precision=precision,
+                common = dict(batch_size=bs, input_size=sample, device=device, precision=precision,
                               warmup=args.warmup, repeats=args.repeats, iters=args.iters, compiled=args.compile,
                               gmacs=gm, progress=lambda _: bar.update(1))
                 if args.train:

@@ -29,8 +29,11 @@ def add_visualize_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
         "visualize", help="draw what a method did to an image, per layer",
         description="A grid of the image with, per layer, ToMe's merge groups, the pruned/squeezed tokens "
                     "(EViT, TPS, DynamicViT) or the idle tokens (IdleViT), read from the method's provenance. "
-                    "No IMAGE: a digits canvas for the embedded model, else scikit-image's astronaut.")
-    p.add_argument("image", nargs="?", help="image file (default: see above)")
+                    "No IMAGE: a digits canvas for the embedded model, else scikit-image's astronaut. Video models "
+                    "(hf:PATH of a VideoMAE): a folder of frames or an animated GIF (default: a pan across the "
+                    "astronaut), drawn as a frame grid; spectrogram models (AST): a .wav or a .npy [time, freq] "
+                    "(default: a synthetic chirp).")
+    p.add_argument("image", nargs="?", help="image file, frames folder / GIF, or .wav / .npy (default: see above)")
     add_model_args(p, default_model=None, default_method=DEFAULT_METHOD)
     p.add_argument("--show-layers", type=_int_list, metavar="I,J,...", help="0-based blocks to draw")
     p.add_argument("--output", "-o", default="vis.png", help="PNG to write (default: vis.png)")

@@ -236,11 +236,12 @@ def compare(model: Optional[str] = None, methods: Optional[Sequence[str]] = None
         models[key] = m
         rows.append(row)
         bar.update(1)
-    h, w = (img_size, img_size) if img_size else get_adapter(base).default_img_size()
+    hw = (img_size, img_size) if img_size else get_adapter(base).default_img_size()
+    sample = tuple(get_adapter(base).input_shape(hw))
     env: dict = {}
     for bs in sizes:
         bar.set_postfix_str(f"benchmark batch {bs}")
-        res = benchmark(models, batch_size=bs, input_size=(3, h, w), device=dev, warmup=warmup, repeats=repeats,
+        res = benchmark(models, batch_size=bs, input_size=sample, device=dev, warmup=warmup, repeats=repeats,
                         iters=iters)
         env = res.env
         for row, t in zip(rows, res.timings):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -136,12 +136,14 @@ def explicit_attention(model: nn.Module) -> Iterator[None]:
             m.fused_attn = flag
 
 
-def count_traced(model: nn.Module, x: torch.Tensor) -> tuple[float, dict]:
+def count_traced(model: nn.Module, x: torch.Tensor,
+                 explicit: Optional[Callable[[], contextlib.AbstractContextManager]] = None) -> tuple[float, dict]:
     """GMACs measured by ``FlopCounterMode`` (FLOPs / 2) on one eval-mode forward of ``x``.
 
     If the model calls a fused attention kernel the counter has no formula for (e.g. SDPA on
     CPU in some PyTorch versions), the attention matmuls would be missed (DeiT-S would read
-    ~4.25 instead of 4.60); this is detected and the count is repeated with explicit attention.
+    ~4.25 instead of 4.60); this is detected and the count is repeated with explicit attention
+    (``explicit()``: the model family's own switch, by default :func:`explicit_attention`).
 
     Returns:
         ``(GMACs, {"sdpa_uncounted_ops": [...], "explicit_attention_fallback": bool})``.
@@ -171,7 +173,7 @@ def count_traced(model: nn.Module, x: torch.Tensor) -> tuple[float, dict]:
         total, missing = count()
         fallback = False
         if missing:
-            with explicit_attention(model):
+            with (explicit() if explicit is not None else explicit_attention(model)):
                 total, _ = count()
             fallback = True
     finally:

@@ -77,7 +77,8 @@ def load_image(model: nn.Module, path: Optional[str], model_name: str) -> tuple[
 
 # ---------------------------------------------------------------------- provenance -> pictures
 def method_panels(model: nn.Module, x: torch.Tensor, layers: Optional[Sequence[int]] = None) -> list[TokenMap]:
-    """The pictures the method installed on ``model`` gives of one image ``x: [1, 3, H, W]``
+    """The pictures the method installed on ``model`` gives of one input ``x`` (an image ``[1, 3, H, W]``,
+    a clip ``[1, T, C, H, W]``, a spectrogram ``[1, time, freq]``)
     (``ReductionMethod.token_maps``, from real eval-mode forwards)."""
     method = get_method(model)
     depth = method.info.depth
@@ -140,18 +141,27 @@ def _draw(pic: np.ndarray, panel: TokenMap, grid: tuple[int, int], tint: tuple[f
 
 
 def render_panels(pic: np.ndarray, panels: Sequence[TokenMap], grid: tuple[int, int], title: str, path: str,
-                  cols: int = 5, tint: tuple[float, float, float] = (1.0, 0.0, 0.0)) -> str:
-    """Write the grid (the image, then one panel per layer) to ``path`` (PNG, matplotlib Agg)."""
+                  cols: int = 5, tint: tuple[float, float, float] = (1.0, 0.0, 0.0), frames: int = 1) -> str:
+    """Write the grid (the image, then one panel per layer) to ``path`` (PNG, matplotlib Agg).
+
+    ``frames > 1``: ``pic`` and the maps hold that many time steps stacked along the height (video);
+    each panel shows them side by side (:func:`vitrim.visual.media.tile_frames`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    images = [(_draw(pic, TokenMap("input"), grid, tint), "input")] + [(_draw(pic, p, grid, tint), p.title)
-                                                                         for p in panels]
+    from .media import tile_frames
+
+    images = [(_draw(pic, TokenMap("input" if frames == 1 else f"input ({frames} time steps)"), grid, tint),
+               "input" if frames == 1 else f"input ({frames} time steps)")] + \
+        [(_draw(pic, p, grid, tint), p.title) for p in panels]
+    images = [(tile_frames(img, frames), t) for img, t in images]
     cols = min(cols, len(images))
     rows = math.ceil(len(images) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows + 0.4), dpi=100, squeeze=False)
+    aspect = images[0][0].shape[0] / images[0][0].shape[1]
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, (3.2 * min(max(aspect, 0.4), 2.5) + 0.2) * rows + 0.4),
+                             dpi=100, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (img, t) in zip(axes.flat, images):
@@ -169,17 +179,29 @@ def visualize(model: nn.Module, output: str, image: Optional[str] = None, layers
     """Draw what the method installed on ``model`` (``vitrim.apply``) did to ``image`` and write ``output``.
 
     ``output`` ends in .png, .jpg, .pdf or .svg (checked before any work). ``image`` defaults to a
-    digits canvas for the embedded model, else scikit-image's astronaut;
+    digits canvas for the embedded model, else scikit-image's astronaut (video models: a folder of frames or
+    an animated GIF, default a pan across the astronaut; spectrogram models: a .wav or a .npy
+    ``[time, freq]``, default a synthetic chirp; :mod:`vitrim.visual.media`);
     ``layers`` (0-based blocks) picks the panels (default: the method's choice, e.g. ToMe after 1/4,
     1/2, 3/4 and all blocks, every pruning stage, up to four idle layers).
     """
     method = get_method(model)
     output = str(writable_file(output, "picture", PICTURE_FORMATS))
+    from .media import input_kind, load_clip, load_spectrogram
+
     name = model_name or architecture_name(model)
-    x, pic = load_image(model, image, name)
+    kind, frames, note = input_kind(model), 1, ""
+    if kind == "video":
+        x, pic, frames = load_clip(model, image)
+        note = f"; {frames} time steps, a group in several tiles spans frames"
+    elif kind == "spectrogram":
+        x, pic = load_spectrogram(model, image)
+        note = "; spectrogram: mel bins top (low) to bottom, time left to right"
+    else:
+        x, pic = load_image(model, image, name)
     x = x.to(next(model.parameters()).device)
     panels = method_panels(model, x, layers)
     grid = tuple(get_adapter(model).grid_size(tuple(x.shape[-2:])))
     opts = ", ".join(f"{k}={v}" for k, v in method.options().items() if k not in ("trace_source",))
-    return render_panels(pic, panels, grid, f"{name} + {method.name} ({opts})\n{method.picture_legend()}", output,
-                         tint=method_color(method))
+    return render_panels(pic, panels, grid, f"{name} + {method.name} ({opts})\n{method.picture_legend()}{note}",
+                         output, tint=method_color(method), frames=frames)

@@ -1,0 +1,142 @@
+"""Hugging Face VideoMAE and AST under vitrim: zero reduction bit-identical, hidden states follow the
+reduction, VideoMAE's size-weighted mean pooling, FLOPs against FlopCounterMode, large constant r and
+vitrim.solve, the CLI (flops, bench, export, visualize) on save_pretrained folders, refusals."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import vitrim  # noqa: E402
+from vitrim.adapters import get_adapter  # noqa: E402
+from vitrim.cli import main  # noqa: E402
+
+VIDEO = dict(image_size=32, patch_size=8, num_frames=8, tubelet_size=2, hidden_size=48, num_hidden_layers=4,
+             num_attention_heads=3, intermediate_size=96)
+AUDIO = dict(max_length=64, num_mel_bins=32, patch_size=8, frequency_stride=6, time_stride=6, hidden_size=48,
+             num_hidden_layers=4, num_attention_heads=3, intermediate_size=96)
+ZERO = {"tome": {"r": 0}, "evit": {"keep_rate": 1.0}, "etps": {"keep_rate": 1.0}, "dynamicvit": {"keep_rate": 1.0},
+        "dtps": {"keep_rate": 1.0}, "idle": {"keep_rate": 1.0}}
+REDUCED = {"tome": {"r": 6}, "evit": {"keep_rate": 0.5, "locations": (1, 2)},
+           "etps": {"keep_rate": 0.5, "locations": (1, 2)}, "dynamicvit": {"keep_rate": 0.7, "locations": (1, 2)},
+           "dtps": {"keep_rate": 0.7, "locations": (1, 2)}, "idle": {"keep_rate": 0.5}}
+VIDEO_METHODS = ["tome", "evit", "etps"]   # the others need a class token (their own check refuses)
+
+
+def video(cls=True, attn="sdpa", **kw):
+    torch.manual_seed(0)
+    cfg = transformers.VideoMAEConfig(**{**VIDEO, **kw}, num_labels=5, attn_implementation=attn)
+    return (transformers.VideoMAEForVideoClassification if cls else transformers.VideoMAEModel)(cfg).eval()
+
+
+def audio(cls=True, attn="sdpa"):
+    torch.manual_seed(0)
+    cfg = transformers.ASTConfig(**AUDIO, num_labels=5, attn_implementation=attn)
+    return (transformers.ASTForAudioClassification if cls else transformers.ASTModel)(cfg).eval()
+
+
+CLIP = torch.randn(2, 8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+SPEC = torch.randn(2, 64, 32, generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("kind", ["video", "video-base", "audio", "audio-base"])
+@pytest.mark.parametrize("name", vitrim.methods())
+def test_zero_reduction_is_bit_identical(name, kind, attn):
+    model = (video if kind.startswith("video") else audio)(cls=not kind.endswith("base"), attn=attn)
+    x = CLIP if kind.startswith("video") else SPEC
+    if kind.startswith("video") and name not in VIDEO_METHODS:
+        with pytest.raises(vitrim.VitrimError, match="class token"):
+            vitrim.apply(model, name, **ZERO[name])
+        return
+    with torch.no_grad():
+        ref = model(x, output_hidden_states=True)
+        vitrim.apply(model, name, **ZERO[name])
+        out = model(x, output_hidden_states=True)
+    assert type(out) is type(ref)
+    assert torch.equal(out.to_tuple()[0], ref.to_tuple()[0])
+    assert len(out.hidden_states) == len(ref.hidden_states)
+    assert all(torch.equal(a, b) for a, b in zip(out.hidden_states, ref.hidden_states))
+
+
+@pytest.mark.parametrize("kind", ["video", "audio"])
+@pytest.mark.parametrize("name", vitrim.methods())
+def test_reduced_forward_and_flops(name, kind):
+    if kind == "video" and name not in VIDEO_METHODS:
+        pytest.skip("needs a class token")
+    model, x = (video(attn="eager"), CLIP) if kind == "video" else (audio(attn="eager"), SPEC)
+    base = vitrim.flops(model)
+    vitrim.apply(model, name, **REDUCED[name])
+    with torch.no_grad():
+        out = model(x, output_hidden_states=True)
+        head, _ = vitrim.forward_with_state(model, x)
+    torch.testing.assert_close(head, out.logits)
+    counts = [h.shape[1] for h in out.hidden_states]
+    assert name == "idle" or counts[-1] < counts[0]
+    if name == "tome":
+        assert counts == [counts[0] - 6 * i for i in range(5)]
+    assert vitrim.flops(model) < base
+    if name != "idle":  # IdleViT's analytic keys differ from its executed ranking (test_idle.py)
+        assert vitrim.traced_flops(model) == pytest.approx(vitrim.flops(model), rel=0.02)
+
+
+def test_videomae_mean_pooling_is_size_weighted():
+    model = vitrim.apply(video(), "tome", r=8)
+    with torch.no_grad():
+        tokens, state = vitrim.forward_tokens(model, CLIP)
+        w = state.size
+        expected = model.classifier(model.fc_norm((tokens * w).sum(1) / w.sum(1)))
+        assert not torch.allclose((tokens * w).sum(1) / w.sum(1), tokens.mean(1))
+        torch.testing.assert_close(model(CLIP).logits, expected)
+
+
+def test_large_constant_r_and_solve():
+    """The paper's video / audio settings: a large constant r over many tokens; solve halves GMACs."""
+    with torch.device("meta"):
+        big = transformers.VideoMAEForVideoClassification(transformers.VideoMAEConfig(
+            hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, num_labels=400))
+        ast = transformers.ASTForAudioClassification(transformers.ASTConfig(num_labels=527))
+    assert get_adapter(big).num_patches() == 1568 and get_adapter(ast).num_patches() == 1212
+    full = vitrim.flops(big)
+    vitrim.apply(big, "tome", r=100)
+    report = vitrim.flops_report(big)
+    assert [l.tokens_in for l in report.layers] == [1568 - 100 * i for i in range(12)]
+    vitrim.remove(big)
+    solved = vitrim.solve(big, "tome", target_gmacs=full / 2)
+    assert vitrim.flops(vitrim.apply(big, "tome", r=solved["r"] if isinstance(solved, dict) else solved.options["r"])) \
+        <= full / 2 * 1.02
+    vitrim.apply(ast, "tome", r=90)
+    assert vitrim.flops_report(ast).layers[-1].tokens_in == 2 + 1212 - 90 * 11
+
+
+def test_refusals():
+    model = vitrim.apply(video(cls=False), "tome", r=2)
+    with pytest.raises(vitrim.VitrimError, match="bool_masked_pos"):
+        model(CLIP, bool_masked_pos=torch.zeros(2, 64, dtype=torch.bool))
+    with pytest.raises(vitrim.UnsupportedModelError, match="mean pooling"):
+        vitrim.apply(video(use_mean_pooling=False), "tome", r=2)
+    with pytest.raises(vitrim.UnsupportedModelError, match="32x32 only"):
+        vitrim.flops(model, 64)
+    with pytest.raises(vitrim.UnsupportedModelError, match="mel bins only"):
+        vitrim.flops(audio(), 64)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    video().save_pretrained(root / "vm")
+    audio().save_pretrained(root / "ast")
+    return root
+
+
+@pytest.mark.parametrize("which", ["vm", "ast"])
+def test_cli(which, folders, tmp_path, capsys):
+    m = f"hf:{folders / which}"
+    assert main(["flops", "--model", m, "--r", "4", "--traced"]) == 0
+    assert main(["bench", "--model", m, "--r", "4", "--batch-size", "2", "--repeats", "1", "--iters", "1",
+                 "--warmup", "0", "--device", "cpu"]) == 0
+    pytest.importorskip("onnxscript")
+    assert main(["export", "--model", m, "--r", "4", "-o", str(tmp_path / "m.onnx"), "--verify"]) == 0
+    assert main(["visualize", "--model", m, "--r", "4", "-o", str(tmp_path / "v.png")]) == 0
+    assert (tmp_path / "v.png").stat().st_size > 0
+    text = capsys.readouterr().out
+    assert "traced" in text and "speedup" in text and ("(1, 8, 3, 32, 32)" in text or "(1, 64, 32)" in text)
