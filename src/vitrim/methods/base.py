@@ -322,6 +322,11 @@ class ReductionMethod(nn.Module):
     def finish(self, state: ForwardState) -> None:
         """Called once after the last block (e.g. to expose provenance to the user)."""
 
+    def extensions(self) -> list[str]:
+        """Rules this method applies on this model that are not from its paper (``[vitrim extension]``,
+        e.g. scoring without a class token); ``vitrim compare`` lists them under its report."""
+        return []
+
     def pool_weights(self, state: ForwardState) -> Optional[torch.Tensor]:
         """``[B, T, 1]`` what each final token stands for (``None``: one token each): the weights of average
         pooling, and of an attention pool's keys (``+ log(w)`` on its logits)."""

@@ -107,6 +107,14 @@ class IdleViT(ReductionMethod):
             out["keep_rate"] = self.stage_rates
         return out
 
+    def extensions(self) -> list[str]:
+        out = []
+        if self.info.stage_depths:
+            out.append("pyramid stages: per-stage keep rates, the average token's query (docs/methods/idlevit.md)")
+        elif self.info.num_prefix_tokens == 0 or not self.info.has_class_token:
+            out.append("no class token: tokens ranked by the average patch token's query (docs/methods/idlevit.md)")
+        return out
+
     @staticmethod
     def _stage_rates(keep_rate, info: ModelInfo) -> Optional[tuple[float, ...]]:
         """One keep rate per stage of a pyramid model, or ``None`` when ``keep_rate`` is a number."""
