@@ -300,3 +300,47 @@ def test_compare_cli_on_a_map_model_without_class_token(tmp_path, capsys):
     assert "* dynamicvit: no class token" not in printed
     md = (out / "results.md").read_text()
     assert "evit: no class token" in md and "[vitrim extension]" in md and "digits" in md
+
+
+# ---------------------------------------------------------------------- timm Eva with an attention pool
+EVA_METHODS = ["tome", "evit", "etps", "dynamicvit", "dtps"]  # the methods the Eva adapter runs with RoPE
+
+
+def eva_map(fused=True):
+    """A tiny DINOv3-layout Eva (RoPE, class token + 4 registers) with a MAP head over every token."""
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_dinov3", pretrained=False, img_size=64, depth=3, num_classes=5,
+                              global_pool="map").eval()
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = fused
+    return model
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("method", EVA_METHODS)
+def test_eva_map_zero_reduction_is_bit_identical_and_reduces(method, fused):
+    model = eva_map(fused)
+    with torch.no_grad():
+        ref = model(X)
+        vitrim.apply(model, method, **ZERO[method])
+        assert torch.equal(model(X), ref)
+        vitrim.update(model, **STRONG[method])
+        out = model(X)
+        assert torch.equal(model.forward_head(model.forward_features(X)), out)
+    assert out.shape == ref.shape and torch.isfinite(out).all() and not torch.equal(out, ref)
+
+
+def test_eva_map_tome_pools_with_log_size_and_prices_the_pool():
+    model = eva_map()
+    plain = vitrim.flops_report(model)
+    assert plain.head_macs == latent_pool_macs(model.attn_pool, 21) + model.head.in_features * model.head.out_features
+    vitrim.apply(model, "tome", r=4)
+    with torch.no_grad():
+        tokens, state = vitrim.forward_tokens(model, X)
+        pooled = latent_pool(model.attn_pool, tokens, state.size)       # Eva pools every token, prefix included
+        torch.testing.assert_close(model(X), model.head(model.fc_norm(pooled)), rtol=0, atol=0)
+    assert vitrim.flops_report(model).head_macs == latent_pool_macs(model.attn_pool, tokens.shape[1]) \
+        + model.head.in_features * model.head.out_features
+    assert vitrim.traced_flops(model) == pytest.approx(vitrim.flops(model), rel=2e-2)

@@ -32,7 +32,7 @@ try:  # timm >= 1.0
 except ImportError:  # pragma: no cover - guarded by the dependency pin
     TimmAttention = TimmBlock = TimmPatchEmbed = VisionTransformer = AttentionPoolLatent = None
 
-__all__ = ["TimmViTAdapter", "check_attention_pool", "refuse_pool_positions"]
+__all__ = ["TimmViTAdapter", "check_attention_pool", "refuse_pool_positions", "pool_head", "pool_head_macs"]
 
 
 def check_attention_pool(model: nn.Module) -> None:
@@ -49,6 +49,29 @@ def check_attention_pool(model: nn.Module) -> None:
     if pool.latent.shape[-1] != (pool.q.in_features if isinstance(pool.q, nn.Linear) else pool.num_heads * pool.head_dim):
         raise UnsupportedModelError(f"{type(model).__name__}.attn_pool's latent width does not match its query "
                                     f"projection; vitrim cannot run this pool")
+
+
+def pool_head(model: nn.Module, x: torch.Tensor, weights: torch.Tensor, pre_logits: bool,
+              include_prefix: bool) -> torch.Tensor:
+    """A timm model's attention-pool head on final tokens ``x: [B, T, C]`` whose keys stand for ``weights``
+    ``[B, T, 1]`` tokens (``ops.attention.latent_pool``), then its ``fc_norm``, ``head_drop`` and ``head``
+    (``include_prefix``: the pool attends over the prefix tokens too)."""
+    if not include_prefix:
+        p = model.num_prefix_tokens
+        x, weights = x[:, p:], weights[:, p:]
+    x = model.head_drop(model.fc_norm(latent_pool(model.attn_pool, x, weights)))
+    return x if pre_logits else model.head(x)
+
+
+def pool_head_macs(model: nn.Module, method: Optional[ReductionMethod], num_tokens: int,
+                   include_prefix: bool) -> int:
+    """MACs of ``model.attn_pool`` (0 without one) on the tokens ``method`` leaves of ``num_tokens`` entering
+    the first block (``docs/flops.md``)."""
+    pool = getattr(model, "attn_pool", None)
+    if pool is None:
+        return 0
+    final = num_tokens if method is None else method.final_tokens(num_tokens)
+    return latent_pool_macs(pool, final if include_prefix else final - model.num_prefix_tokens)
 
 
 def refuse_pool_positions(model: nn.Module, method: ReductionMethod) -> None:
@@ -173,10 +196,7 @@ class TimmViTAdapter(Adapter):
         per_patch = proj.weight.numel() if isinstance(proj, nn.Conv2d) else linear_macs(proj)
         heads = [getattr(m, "head", None), getattr(m, "head_dist", None)]
         head = sum(linear_macs(h) for h in heads if isinstance(h, nn.Module))
-        pool = getattr(m, "attn_pool", None)
-        if pool is not None:
-            final = num_tokens if method is None else method.final_tokens(num_tokens)
-            head += latent_pool_macs(pool, final if m.pool_include_prefix else final - m.num_prefix_tokens)
+        head += pool_head_macs(m, method, num_tokens, m.pool_include_prefix)
         return price_blocks(m.blocks, method, num_tokens, per_patch * num_patches, head)
 
     def install(self, method: ReductionMethod) -> None:
@@ -239,11 +259,8 @@ def _head(self, x: torch.Tensor, weights: Optional[torch.Tensor], pre_logits: bo
     if weights is None or self.global_pool in ("token", ""):
         return type(self)._vitrim_original_class.forward_head(self, x, pre_logits)  # the model's own (distilled too)
     if self.attn_pool is not None:
-        if not self.pool_include_prefix:
-            x, weights = x[:, self.num_prefix_tokens:], weights[:, self.num_prefix_tokens:]
-        x = latent_pool(self.attn_pool, x, weights)
-    else:
-        x = _pool_weighted(self, x, weights)
+        return pool_head(self, x, weights, pre_logits, self.pool_include_prefix)
+    x = _pool_weighted(self, x, weights)
     x = self.fc_norm(x)
     x = self.head_drop(x)
     return x if pre_logits else self.head(x)
