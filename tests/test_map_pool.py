@@ -255,35 +255,13 @@ def test_tome_on_a_map_model_compiles_to_one_graph():
 
 
 # ---------------------------------------------------------------------- vitrim compare on a MAP model
-def _siglip_digits_name() -> str:
-    """``vitrim_siglip_digits`` when vitrim's zoo registers it; else a stand-in registered as a zoo model
-    (same kind: timm ViT, no class token, MAP head, 64 px digits), so the test exercises what
-    ``vitrim compare --model vitrim_siglip_digits`` does with a checkpoint."""
-    import timm
-    import vitrim.zoo  # noqa: F401
-    from timm.models import build_model_with_cfg, register_model
-    from timm.models.vision_transformer import VisionTransformer
-
-    if timm.is_model("vitrim_siglip_digits"):
-        return "vitrim_siglip_digits"
-    name = "vitrim_test_siglip_digits"
-    if not timm.is_model(name):
-        def vitrim_test_siglip_digits(pretrained=False, **kwargs):
-            args = dict(img_size=64, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10,
-                        class_token=False, global_pool="map")
-            return build_model_with_cfg(VisionTransformer, name, pretrained, **dict(args, **kwargs))
-        vitrim_test_siglip_digits.__module__ = "vitrim.zoo"  # as vitrim's own registered models
-        register_model(vitrim_test_siglip_digits)
-    return name
-
-
 def test_compare_cli_on_a_map_model_without_class_token(tmp_path, capsys):
     import timm
     from vitrim.cli import main
-    from vitrim.compare.run import own_model
+    from vitrim.zoo import is_digits_model
 
-    name = _siglip_digits_name()
-    assert own_model(name) and not own_model("vit_base_patch16_siglip_224")
+    name = "vitrim_siglip_digits"  # timm ViT, no class token, MAP head (vitrim.zoo)
+    assert is_digits_model(name) and not is_digits_model("vit_base_patch16_siglip_224")
     torch.manual_seed(0)
     ckpt = tmp_path / "random.pth"
     torch.save(timm.create_model(name, pretrained=False).state_dict(), ckpt)  # random weights stand in

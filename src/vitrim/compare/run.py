@@ -30,8 +30,7 @@ from ..progress import Progress
 from ..train.data import build_eval_loader, check_classes, ensure_digits, eval_transform, image_dataset, resolve_split
 from ..train.evaluate import evaluate
 from ..version import __version__
-from .. import zoo
-from ..zoo import EMBEDDED_MODEL, shipped_method_weights
+from ..zoo import EMBEDDED_MODEL, is_digits_model, shipped_method_weights
 from .report import write_report
 from .result import CompareResult, Row
 
@@ -147,15 +146,6 @@ def _eval_batches(folder: Path, base: nn.Module, batch_size: int, max_images: Op
 
 
 # ---------------------------------------------------------------------- the run
-def own_model(name: str) -> bool:
-    """Whether ``name`` is one of vitrim's own registered models (``vitrim.zoo``: trained on the digits
-    canvases, weights shipped in the package): compared with those weights and on the digits
-    validation split by default."""
-    import timm
-
-    return timm.is_model(name) and getattr(timm.models.model_entrypoint(name), "__module__", None) == zoo.__name__
-
-
 def compare(model: Optional[str] = None, methods: Optional[Sequence[str]] = None, *, data: Optional[str] = None,
             pretrained: bool = False, checkpoints: Optional[Sequence[str]] = None,
             sweeps: Optional[dict[str, list[dict]]] = None, batch_sizes: Sequence[int] = (1, 16),
@@ -166,9 +156,8 @@ def compare(model: Optional[str] = None, methods: Optional[Sequence[str]] = None
     """Measure the unreduced model and every method at each strength; write the report.
 
     Args:
-        model: timm name; default: the embedded ``vitrim_vit_digits``. vitrim's own models (``vitrim.zoo``:
-            ``vitrim_vit_digits``, ...) load their shipped weights and, without ``data``, run on the digits
-            validation split.
+        model: timm name; default: the embedded ``vitrim_vit_digits``. vitrim's digits models (``vitrim.zoo``)
+            default to their shipped weights and, without ``data``, the digits validation split.
         methods: method names (default: every registered method); ``sweeps`` overrides a method's
             strengths (``parse_sweep``).
         checkpoints: ``PATH`` for the model's weights, ``METHOD:VALUE=PATH`` for fine-tuned rows.
@@ -199,7 +188,7 @@ def compare(model: Optional[str] = None, methods: Optional[Sequence[str]] = None
     name = model or EMBEDDED_MODEL
     base_ckpt, row_ckpts = parse_checkpoints(checkpoints)
     row_states = {path: state_dict_of(read_checkpoint(path), path) for path in row_ckpts.values()}
-    embedded = own_model(name)
+    embedded = is_digits_model(name)
     base = create_model(name, pretrained=pretrained or (embedded and base_ckpt is None), checkpoint=base_ckpt,
                         img_size=img_size).eval()
     info = get_adapter(base).info()
