@@ -82,10 +82,16 @@ def test_unsupported_blocks_and_attention():
     model.blocks[1].attn = old
 
 
-def test_attention_pool_head_is_refused():
-    model = small_vit(class_token=False, global_pool="map")
-    with pytest.raises(OptionError, match="pooling 'map'"):
-        vitrim.apply(model, "tome", r=1)
+def test_attention_pool_head_is_refused_by_a_method_that_does_not_support_it():
+    """Every built-in method pools an attention head (tests/test_map_pool.py); the method is asked."""
+    from vitrim.adapters import get_adapter
+    from vitrim.methods.tome import ToMe
+
+    class NoMap(ToMe):
+        supported_pools = ("token", "avg", "")
+
+    with pytest.raises(OptionError, match="pooling 'map'.*accepted pooling: 'token', 'avg', ''"):
+        NoMap.check_model(get_adapter(small_vit(class_token=False, global_pool="map")).info())
 
 
 def test_flops_img_size_mismatch():

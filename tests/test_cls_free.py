@@ -68,5 +68,16 @@ def test_pruning_without_class_token_scores_with_the_average_query(make, method)
 
 
 def test_methods_that_need_a_class_token_still_say_so():
+    """Every built-in method scores without a class token now; a pruning method that does not declare
+    ``scores_without_class_token`` is still refused on such a model."""
+    from vitrim.adapters import get_adapter
+    from vitrim.methods._pruning import PruningMethod
+    from vitrim.methods.base import get_method_class
+
+    class NeedsClassToken(PruningMethod):
+        name = "needs_cls"
+
+    assert all(get_method_class(n).scores_without_class_token
+               for n in ("evit", "etps", "dynamicvit", "dtps", "idle"))
     with pytest.raises(vitrim.OptionError, match="class token"):
-        vitrim.apply(_vit(), "idle", keep_rate=0.7)
+        NeedsClassToken(get_adapter(_vit()).info())

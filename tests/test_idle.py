@@ -310,11 +310,19 @@ def test_bad_options(opts, match):
     assert not vitrim.is_reduced(model)
 
 
-def test_model_without_class_token_is_refused():
-    with pytest.raises(OptionError, match="idle needs a class token.*accepted"):
-        vitrim.apply(small_vit(class_token=False, global_pool="avg"), "idle", keep_rate=0.7)
-    with pytest.raises(OptionError, match="idle needs a class token"):
-        vitrim.apply(small_vit(class_token=False, reg_tokens=2, global_pool="avg"), "idle", keep_rate=0.7)
+@pytest.mark.parametrize("regs", [0, 2])
+def test_model_without_class_token_ranks_with_the_average_query(regs):
+    """[vitrim extension]: the average patch token's query ranks the tokens (tests/test_map_pool.py checks
+    the formula); keep_rate=1 is still the model's own forward."""
+    model = small_vit(class_token=False, reg_tokens=regs, global_pool="avg")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        vitrim.apply(model, "idle", keep_rate=1.0)
+        assert torch.equal(model(x), ref)
+        vitrim.update(model, keep_rate=0.5)
+        out, state = model.forward_with_state(x)
+    assert out.shape == ref.shape and state.records[0].index.shape[1] == regs + 32
 
 
 def test_update_validates_and_changes_plan():

@@ -252,13 +252,6 @@ def test_distilled_deit_works(method):
     assert cls_out.shape == dist_out.shape == (3, 10)
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if not get_method_class(m).scores_without_class_token])
-def test_models_without_class_token_are_refused(method):
-    """EViT and eTPS score with the average token's query instead (tests/test_cls_free.py)."""
-    with pytest.raises(OptionError, match="needs a class token"):
-        vitrim.apply(vit(class_token=False, global_pool="avg"), method)
-
-
 def test_evit_output_order_and_fused_token():
     model = vit(depth=2)
     vitrim.apply(model, "evit", keep_rate=0.5, locations=(0,))

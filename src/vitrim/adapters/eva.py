@@ -29,6 +29,7 @@ from ..ops.prune import PruneRecord
 from ..ops.rope import gather_rope, grid_positions, rows_from_positions
 from ..state import ForwardState
 from .base import Adapter, overrides, register_adapter, run_block, runs_own_forward
+from .timm_vit import check_attention_pool, pool_head, pool_head_macs, refuse_pool_positions
 
 try:
     from timm.layers import PatchEmbed as TimmPatchEmbed
@@ -154,7 +155,7 @@ class EvaAdapter(Adapter):
     label = "timm Eva"
     accepts = ("timm Eva models with EvaBlock/EvaAttention (eva02_*, vit_*_patch16_dinov3*: RoPE 'cat'/'dinov3' or "
                "none, fused or separate q/k/v with q_bias/v_bias, scale-norm, qk-norm, LayerScale, SwiGLU, registers, "
-               "class token, token or average pooling); with RoPE: tome (position 'mean' on DINOv3 rope, 'keep' on any), evit, etps, dynamicvit, dtps")
+               "class token, token, average or attention-pool (map) heads); with RoPE: tome (position 'mean' on DINOv3 rope, 'keep' on any), evit, etps, dynamicvit, dtps")
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
@@ -170,9 +171,7 @@ class EvaAdapter(Adapter):
         if not runs_own_forward(pe, TimmPatchEmbed) or not isinstance(pe.proj, nn.Conv2d):
             raise UnsupportedModelError(f"{name}.patch_embed is a {type(pe).__name__}; vitrim counts tokens from "
                                         f"timm's PatchEmbed; accepted: {cls.accepts}")
-        if getattr(model, "attn_pool", None) is not None:
-            raise UnsupportedModelError(f"{name} has an attention-pool head (e.g. Perception Encoder); vitrim does not "
-                                        f"yet reduce Eva models with one; accepted: {cls.accepts}")
+        check_attention_pool(model)  # an attention-pool head (Perception Encoder): timm's AttentionPoolLatent
         if getattr(model, "patch_drop", None) is not None:
             raise UnsupportedModelError(f"{name} uses patch dropout, which reorders tokens before the blocks; "
                                         f"create it with patch_drop_rate=0; accepted: {cls.accepts}")
@@ -224,8 +223,13 @@ class EvaAdapter(Adapter):
         m = self.model
         n = self.num_patches(img_size)
         head = linear_macs(m.head) if isinstance(m.head, nn.Module) else 0
+        head += pool_head_macs(m, method, n + m.num_prefix_tokens, include_prefix=True)  # an attention pool
         blocks = [_Block(b, None) for b in m.blocks]
         return price_blocks(blocks, method, n + m.num_prefix_tokens, m.patch_embed.proj.weight.numel() * n, head)
+
+    def install(self, method: ReductionMethod) -> None:
+        refuse_pool_positions(self.model, method)
+        super().install(method)
 
 
 # ---------------------------------------------------------------------- reduced forward
@@ -301,6 +305,8 @@ def _forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, ForwardState]:
 def _head(self, x: torch.Tensor, weights: Optional[torch.Tensor], pre_logits: bool = False) -> torch.Tensor:
     if weights is None or self.global_pool in ("token", ""):
         return type(self)._vitrim_original_class.forward_head(self, x, pre_logits)
+    if self.attn_pool is not None:  # keys weighted by what each token stands for (Eva pools every token)
+        return pool_head(self, x, weights, pre_logits, include_prefix=True)
     if self.global_pool != "avg":
         raise VitrimError(f"pooling {self.global_pool!r} with weighted tokens is not supported on timm Eva")
     p = self.num_prefix_tokens

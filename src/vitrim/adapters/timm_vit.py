@@ -17,20 +17,72 @@ import torch
 from torch import nn
 
 from ..errors import OptionError, UnsupportedModelError, VitrimError
-from ..measure.flops import CostPlan, linear_macs, price_blocks
+from ..measure.flops import CostPlan, latent_pool_macs, linear_macs, price_blocks
 from ..methods.base import ModelInfo, ReductionMethod
+from ..ops.attention import latent_pool
 from ..state import ForwardState
 from .base import Adapter, overrides, register_adapter, run_block, runs_own_forward
 
 try:  # timm >= 1.0
     from timm.layers import Attention as TimmAttention
+    from timm.layers import AttentionPoolLatent
     from timm.layers import PatchEmbed as TimmPatchEmbed
     from timm.models.vision_transformer import Block as TimmBlock
     from timm.models.vision_transformer import VisionTransformer
 except ImportError:  # pragma: no cover - guarded by the dependency pin
-    TimmAttention = TimmBlock = TimmPatchEmbed = VisionTransformer = None
+    TimmAttention = TimmBlock = TimmPatchEmbed = VisionTransformer = AttentionPoolLatent = None
 
-__all__ = ["TimmViTAdapter"]
+__all__ = ["TimmViTAdapter", "check_attention_pool", "refuse_pool_positions", "pool_head", "pool_head_macs"]
+
+
+def check_attention_pool(model: nn.Module) -> None:
+    """An attention-pool head (``model.attn_pool``, ``global_pool='map'``) is timm's ``AttentionPoolLatent``
+    with its own forward: vitrim runs its modules with a key bias (``ops.attention.latent_pool``)."""
+    pool = getattr(model, "attn_pool", None)
+    if pool is None:
+        return
+    if AttentionPoolLatent is None or not runs_own_forward(pool, AttentionPoolLatent):
+        raise UnsupportedModelError(
+            f"{type(model).__name__}.attn_pool is a {type(pool).__name__}; vitrim reduces attention-pool heads that "
+            f"are timm's AttentionPoolLatent (global_pool='map': vit_*_siglip_*, vit_*_map), whose modules it "
+            f"runs with a key bias")
+    if pool.latent.shape[-1] != (pool.q.in_features if isinstance(pool.q, nn.Linear) else pool.num_heads * pool.head_dim):
+        raise UnsupportedModelError(f"{type(model).__name__}.attn_pool's latent width does not match its query "
+                                    f"projection; vitrim cannot run this pool")
+
+
+def pool_head(model: nn.Module, x: torch.Tensor, weights: torch.Tensor, pre_logits: bool,
+              include_prefix: bool) -> torch.Tensor:
+    """A timm model's attention-pool head on final tokens ``x: [B, T, C]`` whose keys stand for ``weights``
+    ``[B, T, 1]`` tokens (``ops.attention.latent_pool``), then its ``fc_norm``, ``head_drop`` and ``head``
+    (``include_prefix``: the pool attends over the prefix tokens too)."""
+    if not include_prefix:
+        p = model.num_prefix_tokens
+        x, weights = x[:, p:], weights[:, p:]
+    x = model.head_drop(model.fc_norm(latent_pool(model.attn_pool, x, weights)))
+    return x if pre_logits else model.head(x)
+
+
+def pool_head_macs(model: nn.Module, method: Optional[ReductionMethod], num_tokens: int,
+                   include_prefix: bool) -> int:
+    """MACs of ``model.attn_pool`` (0 without one) on the tokens ``method`` leaves of ``num_tokens`` entering
+    the first block (``docs/flops.md``)."""
+    pool = getattr(model, "attn_pool", None)
+    if pool is None:
+        return 0
+    final = num_tokens if method is None else method.final_tokens(num_tokens)
+    return latent_pool_macs(pool, final if include_prefix else final - model.num_prefix_tokens)
+
+
+def refuse_pool_positions(model: nn.Module, method: ReductionMethod) -> None:
+    """A pool with its own position embedding reads a fixed token order: refused for methods that remove tokens."""
+    pool = getattr(model, "attn_pool", None)
+    if pool is not None and getattr(pool, "pos_embed", None) is not None and method.removes_tokens:
+        idling = "methods that keep every token in place (idle)"
+        raise UnsupportedModelError(
+            f"{type(model).__name__}.attn_pool adds its own position embedding to a fixed sequence of "
+            f"{pool.pos_embed.shape[0]} tokens, which {method.name!r} merges or removes; accepted on this model: "
+            f"{idling}, or a model whose attention pool has no pos_embed")
 
 
 @register_adapter
@@ -40,7 +92,8 @@ class TimmViTAdapter(Adapter):
     family = "timm-vit"
     label = "timm VisionTransformer"
     accepts = ("timm VisionTransformer models (deit_*, deit_*_distilled, vit_* with class token or global-pool "
-               "head, register tokens, qk-norm, LayerScale, fused or non-fused attention, dynamic image size)")
+               "head, attention-pool heads (global_pool='map': vit_*_siglip_*, vit_*_map), register tokens, "
+               "qk-norm, LayerScale, fused or non-fused attention, dynamic image size)")
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
@@ -58,6 +111,7 @@ class TimmViTAdapter(Adapter):
                     f"keep {name}'s behaviour. Accepted: timm VisionTransformer and subclasses that only "
                     f"override _pos_embed/forward_head (e.g. VisionTransformerDistilled).")
         cls.check_patch_embed(model)
+        check_attention_pool(model)
         for i, block in enumerate(model.blocks):
             if not runs_own_forward(block, TimmBlock):
                 raise UnsupportedModelError(
@@ -133,14 +187,21 @@ class TimmViTAdapter(Adapter):
     # ------------------------------------------------------------------ FLOPs
     def cost_plan(self, img_size: tuple[int, int], method: Optional[ReductionMethod] = None) -> CostPlan:
         """Blocks priced by :func:`~vitrim.measure.flops.block_macs` at the method's plan; the patch
-        embedding (its convolution, or linear, per patch); the head(s) and an attention pool."""
+        embedding (its convolution, or linear, per patch); the head(s); an attention pool on the tokens
+        the method leaves (:func:`~vitrim.measure.flops.latent_pool_macs`)."""
         m = self.model
         num_patches = self.num_patches(img_size)
+        num_tokens = num_patches + m.num_prefix_tokens
         proj = m.patch_embed.proj
         per_patch = proj.weight.numel() if isinstance(proj, nn.Conv2d) else linear_macs(proj)
-        heads = [getattr(m, "head", None), getattr(m, "head_dist", None), getattr(m, "attn_pool", None)]
-        head = sum(linear_macs(h) for h in heads if isinstance(h, nn.Module))  # a pool: its linears on one row
-        return price_blocks(m.blocks, method, num_patches + m.num_prefix_tokens, per_patch * num_patches, head)
+        heads = [getattr(m, "head", None), getattr(m, "head_dist", None)]
+        head = sum(linear_macs(h) for h in heads if isinstance(h, nn.Module))
+        head += pool_head_macs(m, method, num_tokens, m.pool_include_prefix)
+        return price_blocks(m.blocks, method, num_tokens, per_patch * num_patches, head)
+
+    def install(self, method: ReductionMethod) -> None:
+        refuse_pool_positions(self.model, method)
+        super().install(method)
 
 
 # ---------------------------------------------------------------------- reduced forward
@@ -192,10 +253,13 @@ def _pool_weighted(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor
 
 
 def _head(self, x: torch.Tensor, weights: Optional[torch.Tensor], pre_logits: bool = False) -> torch.Tensor:
-    """The model's head on reduced tokens: its own for token pooling or uniform weights, average terms
-    weighted by ``weights`` ``[B, T, 1]`` otherwise."""
+    """The model's head on reduced tokens: its own for token pooling or uniform weights; otherwise average
+    terms weighted by ``weights`` ``[B, T, 1]``, or an attention pool whose keys stand for ``weights``
+    tokens (``+ log(w)`` on its logits; docs/methods/tome.md, "Attention-pool heads")."""
     if weights is None or self.global_pool in ("token", ""):
         return type(self)._vitrim_original_class.forward_head(self, x, pre_logits)  # the model's own (distilled too)
+    if self.attn_pool is not None:
+        return pool_head(self, x, weights, pre_logits, self.pool_include_prefix)
     x = _pool_weighted(self, x, weights)
     x = self.fc_norm(x)
     x = self.head_drop(x)
@@ -207,10 +271,10 @@ def _forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tens
     carried = getattr(x, "_vitrim_pool_weights", None)
     if carried is not None:
         return _head(self, x, carried[0], pre_logits)
-    if self.vitrim.pools_with_weights and self.global_pool in ("avg", "avgmax"):
+    if self.vitrim.pools_with_weights and self.global_pool in ("avg", "avgmax", "map"):
         raise VitrimError(
-            f"forward_head got tokens that do not come from forward_features: with {self.vitrim.name!r} the average "
-            f"pooling is weighted by what each token stands for, which only forward_features' output carries. "
+            f"forward_head got tokens that do not come from forward_features: with {self.vitrim.name!r} the "
+            f"{'attention' if self.global_pool == 'map' else 'average'} pooling is weighted by what each token stands for, which only forward_features' output carries. "
             f"Pass forward_features' output unchanged, or use model(x), or "
             f"model.forward_head_with_state(*vitrim.forward_tokens(model, x))")
     return _head(self, x, None, pre_logits)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..compare import compare, parse_sweep, terminal_table, untrained_methods
+from ..compare.report import extension_notes
 from ..methods.base import registered_methods
 
 __all__ = ["add_compare_parser", "cmd_compare"]
@@ -59,6 +60,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     untrained = untrained_methods(result)
     if untrained:
         print(f"* {', '.join(untrained)}: untrained score predictors, top-1 needs fine-tuning (vitrim train)")
+    for note in extension_notes(result):
+        print(f"* {note}")
     for kind, path in result.paths.items():
         print(f"wrote {path}")
     return 0

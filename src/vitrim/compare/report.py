@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence
 from ..methods.base import get_method_class
 from .result import CompareResult, Row
 
-__all__ = ["pareto_front", "markdown_table", "terminal_table", "write_csv", "plot_results", "untrained_methods",
+__all__ = ["pareto_front", "markdown_table", "terminal_table", "extension_notes", "write_csv", "plot_results", "untrained_methods",
            "write_report", "write_html", "method_color"]
 
 
@@ -168,6 +168,15 @@ def _untrained_note(result: CompareResult) -> str:
             f"(`--checkpoint METHOD:VALUE=PATH`).")
 
 
+def extension_notes(result: CompareResult) -> list[str]:
+    """One line per method whose rows used rules that are not from its paper (``ReductionMethod.extensions``)."""
+    notes: dict[str, tuple] = {}
+    for r in result.rows:
+        if r.extensions:
+            notes.setdefault(r.method, r.extensions)
+    return [f"{method}: {'; '.join(ext)} [vitrim extension]" for method, ext in notes.items()]
+
+
 def terminal_table(result: CompareResult) -> str:
     """The table for a terminal (80 columns): method, setting, GMACs, top-1, speed-up at the largest
     batch size, batch-1 latency, weights (checkpoint paths listed under the table as ``[n]``)."""
@@ -203,6 +212,8 @@ def write_report(result: CompareResult, folder: str, plots: bool = True) -> dict
                 f"median img/s, all rows timed side by side; latency: batch 1.\n\n{markdown_table(result)}\n")
         if untrained_methods(result):
             f.write(f"\n{_untrained_note(result)}\n")
+        for note in extension_notes(result):
+            f.write(f"\n- {note}\n")
     paths["md"] = md
     if plots:
         paths.update(plot_results(result, folder))
@@ -255,6 +266,7 @@ def write_html(result: CompareResult, path: str, paths: dict) -> str:
         f"<figure class='pic'><img src='{_data_uri(png)}' alt='{escape(m)} {escape(setting)}'><figcaption>"
         f"{escape(m)} {escape(setting)}</figcaption></figure>" for m, (setting, png) in result.pictures.items())
     note = _untrained_note(result)
+    extensions = "".join(f"<p class='note'>{escape(n)}</p>" for n in extension_notes(result))
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>vitrim compare: {escape(str(env.get('model')))}</title>
 <style>
@@ -271,7 +283,7 @@ figure.pic img {{ max-width: 100%; }} figcaption {{ font-size: 13px; color: #555
 <p>Every number on this page was measured in one run on this machine; no published number is shown.
 GMACs are analytic (the papers' convention), throughput and latency are medians of interleaved repetitions,
 speed-ups are against the unreduced model in the same run.</p>
-<h2>Results</h2>{table}{f"<p class='note'>{escape(note)}</p>" if note else ""}
+<h2>Results</h2>{table}{f"<p class='note'>{escape(note)}</p>" if note else ""}{extensions}
 <h2>Plots</h2>{plots or "<p>No accuracy was measured (no data), so there are no plots.</p>"}
 <h2>What each method did to one image</h2>{pictures or "<p>No pictures in this run.</p>"}
 <h2>Environment</h2>{env_html}

@@ -22,6 +22,7 @@ class Row:
     speedup: dict = field(default_factory=dict)     # batch size -> ratio to the unreduced model
     latency_ms: Optional[float] = None              # batch 1, median ms per image
     untrained: bool = False                         # learned parts (predictors) left randomly initialised
+    extensions: tuple = ()                          # rules not from the method's paper used here [vitrim extension]
 
     @property
     def setting(self) -> str:

@@ -226,7 +226,7 @@ def compare(model: Optional[str] = None, methods: Optional[Sequence[str]] = None
                 weights, untrained = "untrained", True
         m.to(dev).eval()
         row = Row(method, opts, weights, flops(m, img_size), sum(p.numel() for p in m.parameters()) / 1e6,
-                  untrained=untrained)
+                  untrained=untrained, extensions=tuple(m.vitrim.extensions()) if method != "none" else ())
         if output is not None and method != "none" and opts == _middle(configs, method):
             pictures[method] = (row.setting, _picture(m, output, method, name))
         if batches is not None:

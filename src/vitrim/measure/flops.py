@@ -136,6 +136,21 @@ def explicit_attention(model: nn.Module) -> Iterator[None]:
             m.fused_attn = flag
 
 
+@contextlib.contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """Parameters temporarily without ``requires_grad``: under ``no_grad`` a view of a parameter (an
+    attention pool's ``latent.expand``) would otherwise require grad without a grad_fn, which
+    ``FlopCounterMode``'s module tracker cannot hook."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in saved:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
 def count_traced(model: nn.Module, x: torch.Tensor,
                  explicit: Optional[Callable[[], contextlib.AbstractContextManager]] = None) -> tuple[float, dict]:
     """GMACs measured by ``FlopCounterMode`` (FLOPs / 2) on one eval-mode forward of ``x``.
@@ -162,7 +177,7 @@ def count_traced(model: nn.Module, x: torch.Tensor,
                 return func(*args, **(kwargs or {}))
 
         counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter, _Spy():
+        with torch.no_grad(), _frozen(model), counter, _Spy():
             model(x)
         counted = {str(k) for k in counter.get_flop_counts().get("Global", {})}
         sdpa_called = {op for op in seen if "scaled_dot_product" in op}
@@ -179,3 +194,26 @@ def count_traced(model: nn.Module, x: torch.Tensor,
     finally:
         model.train(was_training)
     return total / 2 / 1e9, {"sdpa_uncounted_ops": sorted(missing), "explicit_attention_fallback": fallback}
+
+
+# ---------------------------------------------------------------------- attention-pool heads
+def attention_pool_macs(num_latents: int, num_tokens: int, q_macs: int, kv_macs: int, attn_dim: int,
+                        out_macs: int) -> int:
+    """MACs of an attention-pool head (``docs/flops.md``): the query projection on the latent rows,
+    keys and values on the ``num_tokens`` pooled tokens, the latent-to-token products ``QK^T`` and
+    ``AV`` (``2 L N A``), and what runs on the latent rows after the attention (output projection, MLP).
+
+    ``q_macs`` / ``kv_macs`` / ``out_macs`` are per-row MACs (``linear_macs`` of those layers).
+    """
+    return num_latents * (q_macs + out_macs) + num_tokens * kv_macs + 2 * num_latents * num_tokens * attn_dim
+
+
+def latent_pool_macs(pool: nn.Module, num_tokens: int) -> int:
+    """:func:`attention_pool_macs` of a timm ``AttentionPoolLatent`` (``latent_len`` latents, ``q``,
+    ``kv``, ``proj``, ``mlp``) pooling ``num_tokens`` tokens."""
+    out = linear_macs(pool.proj) + (linear_macs(pool.mlp) if pool.mlp is not None else 0)
+    return attention_pool_macs(pool.latent_len, num_tokens, linear_macs(pool.q), linear_macs(pool.kv),
+                               pool.num_heads * pool.head_dim, out)
+
+
+__all__ += ["attention_pool_macs", "latent_pool_macs"]

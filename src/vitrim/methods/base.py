@@ -208,8 +208,9 @@ class ReductionMethod(nn.Module):
     summary: ClassVar[str] = ""
     #: position in tables and default sweeps (lower first; ties by name)
     order: ClassVar[int] = 100
-    #: model pooling types the method can keep correct (``""`` = no pooling / raw tokens)
-    supported_pools: ClassVar[tuple[str, ...]] = ("token", "avg", "avgmax", "max", "")
+    #: model pooling types the method can keep correct (``""`` = no pooling / raw tokens; ``"map"``: an
+    #: attention-pool head, whose keys the adapter weights by :meth:`pool_weights`)
+    supported_pools: ClassVar[tuple[str, ...]] = ("token", "avg", "avgmax", "max", "map", "")
     #: False for methods that keep every token in place (they can reduce pyramid models)
     removes_tokens: ClassVar[bool] = True
     #: ``pool_weights`` can be non-uniform (token sizes, keep masks): average pooling needs them
@@ -345,8 +346,14 @@ class ReductionMethod(nn.Module):
     def finish(self, state: ForwardState) -> None:
         """Called once after the last block (e.g. to expose provenance to the user)."""
 
+    def extensions(self) -> list[str]:
+        """Rules this method applies on this model that are not from its paper (``[vitrim extension]``,
+        e.g. scoring without a class token); ``vitrim compare`` lists them under its report."""
+        return []
+
     def pool_weights(self, state: ForwardState) -> Optional[torch.Tensor]:
-        """``[B, T, 1]`` weights for average pooling of the final tokens (``None``: uniform)."""
+        """``[B, T, 1]`` what each final token stands for (``None``: one token each): the weights of average
+        pooling, and of an attention pool's keys (``+ log(w)`` on its logits)."""
         return state.size
 
     # ----------------------------------------------------------------- accounting

@@ -109,8 +109,10 @@ class DynamicViT(PruningMethod):
     order = 50
     summary = "DynamicViT: learned predictors drop tokens before blocks at 1/4, 1/2 and 3/4 of the depth (needs fine-tuning)"
     cumulative_rates = True
+    #: the predictor needs no class token (its global feature is the mean of the live patch tokens)
+    scores_without_class_token = True
     pools_with_weights = True  # the masked training form pools over live tokens
-    supported_pools = ("token", "avg", "")  # masked training pools over alive tokens; max would see dead ones
+    supported_pools = ("token", "avg", "map", "")  # masked training pools over alive tokens; max would see dead ones
     color = "tab:purple"
     reduced_verb = "dropped"
     loss_weights = {"kd": 0.5, "ratio": 2.0, "token": 0.5}

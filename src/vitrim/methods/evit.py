@@ -138,6 +138,11 @@ class EViT(PruningMethod):
             return tuple(tokens), tuple(tokens)
         raise OptionError(f"tokens={tokens!r} is not valid; {accepted}")
 
+    def extensions(self) -> list[str]:
+        if self.info.num_prefix_tokens == 0 or not self.info.has_class_token:
+            return ["no class token: tokens ranked by the average patch token's query (docs/methods/pruning.md)"]
+        return []
+
     # ------------------------------------------------------------------ plan
     def _keep(self, stage: int, n: int) -> int:
         """Patch tokens kept at ``stage`` from the current ``n``."""

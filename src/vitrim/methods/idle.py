@@ -84,6 +84,8 @@ class IdleViT(ReductionMethod):
     reduced_verb = "idle"
     loss_weights = {"kd": 10.0, "cut": 20.0, "feature": 1000.0}
     teacher_terms = ("feature",)
+    #: without a class token the average patch token's query ranks the tokens [vitrim extension]
+    scores_without_class_token = True
 
     def __init__(self, info: ModelInfo, keep_rate: float = 0.7,
                  layers: Optional[Sequence[int]] = None, score: str = "attention") -> None:
@@ -103,9 +105,6 @@ class IdleViT(ReductionMethod):
         elif isinstance(keep_rate, bool) or not isinstance(keep_rate, (int, float)) or not 0.0 < keep_rate <= 1.0:
             raise OptionError(f"keep_rate must be a number in (0, 1], got {keep_rate!r}; accepted: "
                               f"0 < keep_rate <= 1 (e.g. 0.7; 1 = the unmodified model)")
-        if not info.stage_depths and (info.num_prefix_tokens == 0 or not info.has_class_token):
-            raise OptionError("idle needs a class token: IdleViT ranks tokens by the class query's attention "
-                              "logits; accepted: timm ViTs with a class token (deit_*, vit_* with class_token=True)")
         self.keep_rate = float(keep_rate)
         self.stage_rates = stage_rates
         self.layers = self._check_layers(layers, info)
@@ -136,6 +135,14 @@ class IdleViT(ReductionMethod):
                               f"and the idle layers are fixed when applied (one predictor per idle block); accepted: "
                               f"keep_rate changes; for other layers or scores, vitrim.remove(model) and apply again")
         super().update(**options)
+
+    def extensions(self) -> list[str]:
+        out = []
+        if self.info.stage_depths:
+            out.append("pyramid stages: per-stage keep rates, the average token's query (docs/methods/idlevit.md)")
+        elif self.info.num_prefix_tokens == 0 or not self.info.has_class_token:
+            out.append("no class token: tokens ranked by the average patch token's query (docs/methods/idlevit.md)")
+        return out
 
     @staticmethod
     def _stage_rates(keep_rate, info: ModelInfo) -> Optional[tuple[float, ...]]:
@@ -231,11 +238,12 @@ class IdleViT(ReductionMethod):
             x, idx = pvt_idle_block_gather(block, x, keep, feat_size)
             return x, state.add_record(IdleRecord(index, keep, idx, grid=tuple(feat_size)))
         p = state.num_prefix_tokens
+        mean_query = not self.info.has_class_token or p == 0  # the average patch token's query [vitrim extension]
         if block.training:
             # the masked form's loss and gradients, computing idle rows' queries and keys only
-            x, idx, mask, logits = idle_block_train(block, x, keep, p)
+            x, idx, mask, logits = idle_block_train(block, x, keep, p, mean_query)
             return x, state.add_record(IdleRecord(index, keep, idx, mask, logits))
-        x, idx = idle_block_gather(block, x, keep, p)
+        x, idx = idle_block_gather(block, x, keep, p, mean_query)
         return x, state.add_record(IdleRecord(index, keep, idx))
 
     # ------------------------------------------------------------------ accounting

@@ -4,7 +4,9 @@ timm's ``Attention.forward`` returns only its output; token reduction also needs
 (ToMe's metric), an additive key bias (proportional attention) or attention on a subset of
 queries. These functions reuse the module's weights and honour every feature of timm 1.x
 ``Attention``: fused SDPA or explicit softmax (``attn.fused_attn``), qk-norm, scale-norm,
-the sigmoid output gate, attention and projection dropout.
+the sigmoid output gate, attention and projection dropout. :func:`latent_pool` does the same for
+an attention-pool head (timm ``AttentionPoolLatent``): the pool's own modules with keys that stand
+for several tokens.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from torch import nn
 
 __all__ = ["qkv_part", "split_qkv", "attend", "project", "attention_with_key_bias", "log_size_bias",
            "class_attention_logits", "class_attention_scores",
-           "mean_query_logits"]
+           "mean_query_logits", "pool_key_bias", "latent_pool"]
 
 
 def qkv_part(attn: nn.Module, part: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -161,3 +163,69 @@ def mean_query_logits(attn: nn.Module, x: torch.Tensor, k: torch.Tensor, num_pre
     q = F.linear(x[:, p:].mean(dim=1), *qkv_part(attn, 0)).reshape(B, attn.num_heads, 1, attn.head_dim)
     q = attn.q_norm(q)
     return ((q * attn.scale) @ k[:, :, p:].transpose(-2, -1))[:, :, 0]
+
+
+def pool_key_bias(weights: torch.Tensor) -> torch.Tensor:
+    """``weights: [B, N, 1] >= 0 -> [B, 1, 1, N]`` additive key bias ``log(w)`` (``-inf`` where ``w = 0``)."""
+    return weights.log()[:, None, None, :, 0]
+
+
+def _pool_attend(pool: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """``q: [B, H, L, d]``, ``k, v: [B, H, N, d]``, ``weights: [B, N, 1]`` or None -> ``[B, H, L, d]``.
+
+    The attention to key ``j`` is proportional to ``w_j exp(logit_j)``: ``softmax(logits + log w)``,
+    on the pool's own path (SDPA with the bias as a float mask, or the explicit softmax with the
+    bias added). A weight that carries a gradient (a keep policy in masked training) multiplies the
+    exponentials instead, so the gradient reaches it (``log 0`` would give NaN gradients).
+    """
+    if weights is not None and torch.is_grad_enabled() and weights.requires_grad:
+        logits = (q * pool.scale) @ k.transpose(-2, -1)
+        a = (logits - logits.amax(dim=-1, keepdim=True)).exp() * weights[:, None, None, :, 0].to(logits.dtype)
+        return (a / a.sum(dim=-1, keepdim=True)) @ v
+    bias = None if weights is None else pool_key_bias(weights).to(q.dtype)
+    if pool.fused_attn:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    logits = (q * pool.scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias
+    return logits.softmax(dim=-1) @ v
+
+
+def latent_pool(pool: nn.Module, x: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A timm ``AttentionPoolLatent`` head run with its own modules, each key standing for ``weights`` tokens.
+
+    The learned latent queries (``pool.latent`` through ``pool.q``, ``q_norm``) attend over the
+    keys / values of ``x`` (``pool.kv``, ``k_norm``); then ``proj``, ``proj_drop``, the residual MLP
+    (``norm``, ``mlp``) and the pool's own latent reduction (``pool.pool``: ``"token"``, ``"avg"``
+    or none). With ``weights`` the attention to key ``j`` is proportional to ``w_j exp(logit_j)``
+    (ToMe's proportional attention, ``+ log(size)`` on the keys: pooling a merged token of size
+    ``s`` equals pooling ``s`` copies of it; a 0/1 keep policy pools the alive tokens only).
+    ``weights=None`` computes what ``pool(x)`` computes.
+
+    Args:
+        pool: the model's ``AttentionPoolLatent`` (``latent``, ``q``, ``kv``, ``q_norm``, ``k_norm``,
+            ``num_heads``, ``head_dim``, ``scale``, ``fused_attn``, ``proj``, ``proj_drop``, ``norm``,
+            ``mlp``, ``pool``, ``pos_embed``; a ``pos_embed`` is added, so ``N`` must be its length).
+        x: ``[B, N, C]`` the tokens the pool attends over.
+        weights: ``[B, N, 1]`` >= 0 (token sizes, a keep policy), or ``None``: plain attention.
+
+    Returns:
+        ``[B, C_out]`` (``pool.pool`` ``"token"`` / ``"avg"``) or ``[B, L, C_out]``.
+    """
+    B, N, _ = x.shape
+    if pool.pos_embed is not None:
+        x = x + pool.pos_embed.unsqueeze(0).to(x.dtype)
+    L, H, d = pool.latent_len, pool.num_heads, pool.head_dim
+    q = pool.q(pool.latent.expand(B, -1, -1)).reshape(B, L, H, d).transpose(1, 2)
+    k, v = pool.kv(x).reshape(B, N, 2, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = pool.q_norm(q), pool.k_norm(k)
+    out = _pool_attend(pool, q, k, v, weights).transpose(1, 2).reshape(B, L, H * d)
+    out = pool.proj_drop(pool.proj(out))
+    if pool.mlp is not None:
+        out = out + pool.mlp(pool.norm(out))
+    if pool.pool == "token":
+        return out[:, 0]
+    if pool.pool == "avg":
+        return out.mean(1)
+    return out
