@@ -310,11 +310,14 @@ def test_bad_options(opts, match):
     assert not vitrim.is_reduced(model)
 
 
-def test_model_without_class_token_is_refused():
-    with pytest.raises(OptionError, match="idle needs a class token.*accepted"):
-        vitrim.apply(small_vit(class_token=False, global_pool="avg"), "idle", keep_rate=0.7)
-    with pytest.raises(OptionError, match="idle needs a class token"):
-        vitrim.apply(small_vit(class_token=False, reg_tokens=2, global_pool="avg"), "idle", keep_rate=0.7)
+def test_model_without_class_token_ranks_with_the_average_query():
+    """No class token: IdleViT ranks with the average patch token's query [vitrim extension]
+    (tests/test_cls_free.py checks the scores); the plan counts the same rows."""
+    for kw in (dict(class_token=False, global_pool="avg"), dict(class_token=False, reg_tokens=2, global_pool="avg")):
+        model = vitrim.apply(small_vit(**kw), "idle", keep_rate=0.7)
+        assert not vitrim.get_method(model).info.has_class_token
+        assert model(torch.randn(1, 3, 64, 64)).shape[0] == 1
+        assert vitrim.flops(model) < vitrim.flops(vitrim.remove(model) or model)
 
 
 def test_update_validates_and_changes_plan():

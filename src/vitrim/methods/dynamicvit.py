@@ -109,6 +109,7 @@ class DynamicViT(PruningMethod):
     order = 50
     summary = "DynamicViT: learned predictors drop tokens before blocks at 1/4, 1/2 and 3/4 of the depth (needs fine-tuning)"
     cumulative_rates = True
+    scores_without_class_token = True  # the predictors' global feature is the mean of the live patch tokens
     pools_with_weights = True  # the masked training form pools over live tokens
     supported_pools = ("token", "avg", "")  # masked training pools over alive tokens; max would see dead ones
     color = "tab:purple"

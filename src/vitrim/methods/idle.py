@@ -87,9 +87,6 @@ class IdleViT(ReductionMethod):
         elif isinstance(keep_rate, bool) or not isinstance(keep_rate, (int, float)) or not 0.0 < keep_rate <= 1.0:
             raise OptionError(f"keep_rate must be a number in (0, 1], got {keep_rate!r}; accepted: "
                               f"0 < keep_rate <= 1 (e.g. 0.7; 1 = the unmodified model)")
-        if not info.stage_depths and (info.num_prefix_tokens == 0 or not info.has_class_token):
-            raise OptionError("idle needs a class token: IdleViT ranks tokens by the class query's attention "
-                              "logits; accepted: timm ViTs with a class token (deit_*, vit_* with class_token=True)")
         self.keep_rate = float(keep_rate)
         self.stage_rates = stage_rates
         self.layers = self._check_layers(layers, info)
@@ -191,11 +188,12 @@ class IdleViT(ReductionMethod):
             x, idx = pvt_idle_block_gather(block, x, keep, feat_size)
             return x, state.add_record(IdleRecord(index, keep, idx, grid=tuple(feat_size)))
         p = state.num_prefix_tokens
+        mean_query = not self.info.has_class_token  # the average token's query [vitrim extension]
         if block.training:
             # the masked form's loss and gradients, computing idle rows' queries and keys only
-            x, idx, mask, logits = idle_block_train(block, x, keep, p)
+            x, idx, mask, logits = idle_block_train(block, x, keep, p, mean_query)
             return x, state.add_record(IdleRecord(index, keep, idx, mask, logits))
-        x, idx = idle_block_gather(block, x, keep, p)
+        x, idx = idle_block_gather(block, x, keep, p, mean_query)
         return x, state.add_record(IdleRecord(index, keep, idx))
 
     # ------------------------------------------------------------------ accounting
@@ -227,7 +225,12 @@ class IdleViT(ReductionMethod):
             layers = getattr(recipe, "cut_loss_layers", "all")
             out["cut"] = weights["cut"] * idle_cut_loss(state, layers=layers).to(tokens.device)
         if teacher_tokens is not None and weights.get("feature", 0.0) > 0:
-            out["feature"] = weights["feature"] * idle_feature_loss(tokens[:, 0], teacher_tokens[:, 0])
+            if self.info.has_class_token:
+                out["feature"] = weights["feature"] * idle_feature_loss(tokens[:, 0], teacher_tokens[:, 0])
+            else:  # no class feature: the mean patch feature [vitrim extension]
+                p = self.info.num_prefix_tokens
+                out["feature"] = weights["feature"] * idle_feature_loss(tokens[:, p:].mean(1),
+                                                                        teacher_tokens[:, p:].mean(1))
         return out
 
     # ------------------------------------------------------------------ pictures

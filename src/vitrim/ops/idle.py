@@ -123,20 +123,32 @@ def _heads(attn: nn.Module, t: torch.Tensor) -> torch.Tensor:
     return t.reshape(B, T, attn.num_heads, attn.head_dim).transpose(1, 2)
 
 
-def _class_query(attn: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """The class token's query (after ``q_norm``), times ``scale / heads``: ``[B, T, C] -> [B, A]``."""
+def _class_query(attn: nn.Module, z: torch.Tensor, num_prefix: int = 1, mean_query: bool = False) -> torch.Tensor:
+    """The scoring query (after ``q_norm``, no rotation), times ``scale / heads``: ``[B, T, C] -> [B, A]``.
+
+    The class token's (row 0), or with ``mean_query`` the average patch token's, ``W_q mean_j(z_j) + b_q``
+    over the patch rows (models without a class token [vitrim extension]).
+    """
     B = z.shape[0]
     w_q, b_q = qkv_part(attn, 0)
-    q = attn.q_norm(F.linear(z[:, 0], w_q, b_q).reshape(B, attn.num_heads, attn.head_dim))
+    row = z[:, num_prefix:].mean(dim=1) if mean_query else z[:, 0]
+    q = attn.q_norm(F.linear(row, w_q, b_q).reshape(B, attn.num_heads, 1, attn.head_dim))   # [B, H, 1, d]
     return q.reshape(B, attn.attn_dim) * (attn.scale / attn.num_heads)
 
 
+def _for_rows(attn: nn.Module, index: torch.Tensor) -> nn.Module:
+    """The attention for the rows ``index: [B, S]`` only: a family whose q/k norms depend on the row
+    (rotary positions) gives ``attn.at_rows(index)``; otherwise ``attn`` itself."""
+    at_rows = getattr(attn, "at_rows", None)
+    return attn if at_rows is None else at_rows(index)
+
+
 def _keys(attn: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """Keys of all rows, token-major, after ``k_norm``: ``[B, T, C] -> [B, T, A]``."""
+    """Keys of all rows, token-major, after ``k_norm`` (on ``[B, H, T, d]``): ``[B, T, C] -> [B, T, A]``."""
     B, T, _ = z.shape
     w_k, b_k = qkv_part(attn, 1)
-    k = F.linear(z, w_k, b_k)
-    return attn.k_norm(k.reshape(B, T, attn.num_heads, attn.head_dim)).reshape(B, T, attn.attn_dim)
+    k = _heads(attn, F.linear(z, w_k, b_k))
+    return attn.k_norm(k).transpose(1, 2).reshape(B, T, attn.attn_dim)
 
 
 def scores_through_linear_keys(q: torch.Tensor, z: torch.Tensor, w_k: torch.Tensor,
@@ -159,11 +171,12 @@ def scores_through_linear_keys(q: torch.Tensor, z: torch.Tensor, w_k: torch.Tens
 
 
 def low_rank_scoring(attn: nn.Module) -> bool:
-    """Whether the ranking can skip the keys: true when keys are linear in ``z`` (no ``k_norm``)."""
+    """Whether the ranking can skip the keys: true when keys are linear in ``z`` (no ``k_norm``, no
+    rotation: a rotary family's ``k_norm`` includes its rotation)."""
     return isinstance(attn.k_norm, nn.Identity)
 
 
-def rank_scores(attn: nn.Module, z: torch.Tensor, num_prefix: int
+def rank_scores(attn: nn.Module, z: torch.Tensor, num_prefix: int, mean_query: bool = False
                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """IdleViT's ranking score: the head mean of the class query's pre-softmax logits ("Selection").
 
@@ -175,21 +188,23 @@ def rank_scores(attn: nn.Module, z: torch.Tensor, num_prefix: int
 
     Args:
         z: ``[B, T, C]`` the block's ``norm1`` output; num_prefix: ``p``.
+        mean_query: score with the average patch token's query instead of the class token's (models
+            without a class token [vitrim extension]; ``docs/methods/idlevit.md``).
 
     Returns:
         ``(score [B, N], keys)``: scores of the patch tokens (class query only, never the full
         attention matrix) and ``keys [B, T, A]`` (after ``k_norm``) when they were computed, else ``None``.
     """
-    q = _class_query(attn, z)                                        # [B, A]
+    q = _class_query(attn, z, num_prefix, mean_query)                # [B, A]
     if low_rank_scoring(attn):
         return scores_through_linear_keys(q, z[:, num_prefix:], *qkv_part(attn, 1)), None
     k = _keys(attn, z)
     return (k[:, num_prefix:] * q.unsqueeze(1)).sum(-1), k           # not a bmm: see scores_through_linear_keys
 
 
-def idle_scores(attn: nn.Module, z: torch.Tensor, num_prefix: int) -> torch.Tensor:
+def idle_scores(attn: nn.Module, z: torch.Tensor, num_prefix: int, mean_query: bool = False) -> torch.Tensor:
     """``[B, N]`` ranking scores of the patch tokens (see :func:`rank_scores`)."""
-    return rank_scores(attn, z, num_prefix)[0]
+    return rank_scores(attn, z, num_prefix, mean_query)[0]
 
 
 def head_mean_logits(attn: nn.Module, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -204,8 +219,8 @@ def head_mean_logits(attn: nn.Module, q: torch.Tensor, k: torch.Tensor) -> torch
     return (qf @ kf.transpose(1, 2)) * (attn.scale / H)
 
 
-def idle_block_gather(block: nn.Module, x: torch.Tensor, keep: int,
-                      num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+def idle_block_gather(block: nn.Module, x: torch.Tensor, keep: int, num_prefix: int,
+                      mean_query: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One idle layer, inference form ("Inference").
 
     The class query ranks the patch tokens (:func:`rank_scores`: without ``k_norm`` no per-token
@@ -214,6 +229,7 @@ def idle_block_gather(block: nn.Module, x: torch.Tensor, keep: int,
 
     Args:
         x: ``[B, T, C]`` tokens entering the block; keep: ``K``; num_prefix: ``p`` (always computed).
+        mean_query: rank with the average patch token's query (no class token, see :func:`rank_scores`).
 
     Returns:
         ``(out [B, T, C], index [B, S])``; ``out`` is a new tensor whose idle rows equal ``x``'s.
@@ -221,7 +237,7 @@ def idle_block_gather(block: nn.Module, x: torch.Tensor, keep: int,
     attn = block.attn
     B, T, C = x.shape
     z = block.norm1(x)
-    score, k_all = rank_scores(attn, z, num_prefix)
+    score, k_all = rank_scores(attn, z, num_prefix, mean_query)
     index = select_rows(score, keep, num_prefix)
     S, A, H, d = index.shape[1], attn.attn_dim, attn.num_heads, attn.head_dim
     flat = _flat(index, T)                                          # one flat index for every gather and the scatter
@@ -233,14 +249,14 @@ def idle_block_gather(block: nn.Module, x: torch.Tensor, keep: int,
         b = attn.qkv.bias.reshape(3, A)[0::2].reshape(2 * A) if attn.qkv.bias is not None else None
         q, v = F.linear(zs, w, b).reshape(B, S, 2, H, d).permute(2, 0, 3, 1, 4).unbind(0)
         k = _heads(attn, k_all.reshape(B * T, A).index_select(0, flat).view(B, S, A))
-    q = attn.q_norm(q)
+    q = _for_rows(attn, index).q_norm(q)                            # rotary families: the selected rows' rotation
     xs = x.reshape(B * T, C).index_select(0, flat).view(B, S, C)
     xs = xs + block.drop_path1(block.ls1(project(attn, attend(attn, q, k, v), zs)))
     xs = xs + block.drop_path2(block.ls2(block.mlp(block.norm2(xs))))
     return x.reshape(B * T, C).index_copy(0, flat, xs.reshape(B * S, C)).view(B, T, C), index
 
 
-def idle_block_masked(block: nn.Module, x: torch.Tensor, keep: int, num_prefix: int
+def idle_block_masked(block: nn.Module, x: torch.Tensor, keep: int, num_prefix: int, mean_query: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One idle layer, masked fixed-shape training form ("Training").
 
@@ -259,7 +275,7 @@ def idle_block_masked(block: nn.Module, x: torch.Tensor, keep: int, num_prefix: 
     B, T, _ = x.shape
     z = block.norm1(x)
     # the ranking exactly as in the gather form, so both forms select the same rows
-    score, k_all = rank_scores(attn, z, num_prefix)
+    score, k_all = rank_scores(attn, z, num_prefix, mean_query)
     index = select_rows(score, keep, num_prefix)
     k = _heads(attn, _keys(attn, z) if k_all is None else k_all)
     mask = index_to_mask(index, T)
@@ -276,7 +292,7 @@ def idle_block_masked(block: nn.Module, x: torch.Tensor, keep: int, num_prefix: 
     return x, index, mask, head_mean_logits(attn, q, k)
 
 
-def idle_block_train(block: nn.Module, x: torch.Tensor, keep: int, num_prefix: int
+def idle_block_train(block: nn.Module, x: torch.Tensor, keep: int, num_prefix: int, mean_query: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One idle layer, training form: the outputs of :func:`idle_block_masked` at the cost of the
     gather form plus the queries and keys of the idle rows and the ``[T, T]`` head-mean logits.
@@ -296,12 +312,12 @@ def idle_block_train(block: nn.Module, x: torch.Tensor, keep: int, num_prefix: i
     B, T, C = x.shape
     H, d, A = attn.num_heads, attn.head_dim, attn.attn_dim
     z = block.norm1(x)
-    score, k_all = rank_scores(attn, z, num_prefix)                # the same ranking as both other forms
+    score, k_all = rank_scores(attn, z, num_prefix, mean_query)    # the same ranking as both other forms
     index = select_rows(score, keep, num_prefix)
     S = index.shape[1]
     k = _keys(attn, z) if k_all is None else k_all                  # [B, T, A] token-major, after k_norm
     w_q, b_q = qkv_part(attn, 0)
-    q = attn.q_norm(F.linear(z, w_q, b_q).view(B, T, H, d)).reshape(B, T, A)
+    q = attn.q_norm(_heads(attn, F.linear(z, w_q, b_q))).transpose(1, 2).reshape(B, T, A)
     logits = (q @ k.transpose(1, 2)) * (attn.scale / H)             # = head_mean_logits, all rows
     flat = _flat(index, T)
     qs = q.reshape(B * T, A).index_select(0, flat).view(B, S, H, d).transpose(1, 2)
