@@ -20,12 +20,13 @@ def add_compare_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         description="Measure the unreduced model and each method at several strengths side by side; write "
                     "results.csv, results.md and accuracy-vs-GMACs / accuracy-vs-throughput plots. With no "
                     "arguments: the embedded model on the digits validation split.")
-    p.add_argument("--model", help="timm model name (default: the embedded vitrim_vit_digits)")
+    p.add_argument("--model", help="timm model name (default: the embedded vitrim_vit_digits; vitrim's other digits models, "
+                   "vitrim_eva_digits and vitrim_siglip_digits, also run out of the box on their shipped weights)")
     p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights")
     p.add_argument("--checkpoint", action="append", metavar="[METHOD:VALUE=]PATH",
                    help="PATH: the model's weights; METHOD:VALUE=PATH: a fine-tuned row, e.g. "
                         "idle:0.7=runs/x/best.pt (repeatable)")
-    p.add_argument("--data", help="ImageFolder root or its val/ folder (default for the embedded model: digits)")
+    p.add_argument("--data", help="ImageFolder root or its val/ folder (default for vitrim's digits models: the digits canvases)")
     p.add_argument("--methods", type=_csv_list, default=None,
                    help=f"comma-separated methods (default: all: {','.join(c.name for c in registered_methods())})")
     p.add_argument("--sweep", help="strengths per method, e.g. 'tome:r=8,13,16;evit:keep_rate=0.9,0.7' "

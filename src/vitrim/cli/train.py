@@ -12,7 +12,7 @@ from ..api import flops
 from ..checks import non_negative_int, positive_int, resolve_device
 from ..errors import VitrimError
 from ..train.data import ensure_digits
-from ..zoo import EMBEDDED_MODEL
+from ..zoo import EMBEDDED_MODEL, is_digits_model
 from .common import add_model_args, is_no_method, label, literal, method_options
 
 __all__ = ["add_train_parsers", "cmd_train", "cmd_eval", "cmd_data", "RECIPE_FLAGS"]
@@ -123,7 +123,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.model_kwargs is not None and not isinstance(args.model_kwargs, dict):
         raise VitrimError(f"--model-kwargs must be a dict literal of timm.create_model arguments, e.g. "
                           f"\"{{'depth': 2, 'embed_dim': 32}}\", got {args.model_kwargs!r}")
-    embedded = args.model in (None, EMBEDDED_MODEL)
+    embedded = args.model is None or is_digits_model(args.model)
     model = args.model or EMBEDDED_MODEL
     if args.recipe is None:
         if args.data is not None:
@@ -176,7 +176,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 setattr(args, f"opt_{k}", v)
     options = method_options(args)
     folder = resolve_split(args.data, "val") if args.data else None  # a user's folder: checked before the build
-    embedded = model_name == EMBEDDED_MODEL
+    embedded = is_digits_model(model_name)
     pretrained = args.pretrained or (embedded and not args.checkpoint)
     extra = dict(saved.get("model_kwargs") or {})
     if saved.get("num_classes"):

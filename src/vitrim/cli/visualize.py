@@ -10,7 +10,7 @@ from ..models import create_model, load_checkpoint, read_checkpoint, state_dict_
 from ..checks import writable_file
 from ..visual import visualize
 from ..visual.pictures import PICTURE_FORMATS
-from ..zoo import EMBEDDED_MODEL
+from ..zoo import EMBEDDED_MODEL, is_digits_model
 from .common import DEFAULT_METHOD, add_model_args, is_no_method, method_options
 
 __all__ = ["add_visualize_parser", "cmd_visualize"]
@@ -45,7 +45,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     if is_no_method(args.method):
         raise VitrimError(f"visualize needs a method; accepted: {', '.join(api.methods())}")
     writable_file(args.output, "picture", PICTURE_FORMATS)  # before the model is built
-    pretrained = args.pretrained or (name == EMBEDDED_MODEL and not args.checkpoint)
+    pretrained = args.pretrained or (is_digits_model(name) and not args.checkpoint)
     state = state_dict_of(read_checkpoint(args.checkpoint), args.checkpoint) if args.checkpoint else None
     model = create_model(name, pretrained=pretrained, img_size=args.img_size).eval()
     api.apply(model, args.method, **method_options(args))

@@ -30,7 +30,7 @@ from ..progress import Progress
 from ..train.data import build_eval_loader, check_classes, ensure_digits, eval_transform, image_dataset, resolve_split
 from ..train.evaluate import evaluate
 from ..version import __version__
-from ..zoo import EMBEDDED_MODEL, shipped_method_weights
+from ..zoo import EMBEDDED_MODEL, is_digits_model, shipped_method_weights
 from .report import write_report
 from .result import CompareResult, Row
 
@@ -156,8 +156,8 @@ def compare(model: Optional[str] = None, methods: Optional[Sequence[str]] = None
     """Measure the unreduced model and every method at each strength; write the report.
 
     Args:
-        model: timm name; default: the embedded ``vitrim_vit_digits`` with its shipped weights and,
-            without ``data``, the digits validation split.
+        model: timm name; default: the embedded ``vitrim_vit_digits``. vitrim's digits models (``vitrim.zoo``)
+            default to their shipped weights and, without ``data``, the digits validation split.
         methods: method names (default: every registered method); ``sweeps`` overrides a method's
             strengths (``parse_sweep``).
         checkpoints: ``PATH`` for the model's weights, ``METHOD:VALUE=PATH`` for fine-tuned rows.
@@ -188,7 +188,7 @@ def compare(model: Optional[str] = None, methods: Optional[Sequence[str]] = None
     name = model or EMBEDDED_MODEL
     base_ckpt, row_ckpts = parse_checkpoints(checkpoints)
     row_states = {path: state_dict_of(read_checkpoint(path), path) for path in row_ckpts.values()}
-    embedded = name == EMBEDDED_MODEL
+    embedded = is_digits_model(name)
     base = create_model(name, pretrained=pretrained or (embedded and base_ckpt is None), checkpoint=base_ckpt,
                         img_size=img_size).eval()
     info = get_adapter(base).info()

@@ -42,9 +42,9 @@ def _default_pil(model_name: str):
     """A digits canvas for the embedded model, else scikit-image's astronaut."""
     from PIL import Image
 
-    from ..zoo import EMBEDDED_MODEL
+    from ..zoo import is_digits_model
 
-    if model_name == EMBEDDED_MODEL:
+    if is_digits_model(model_name):
         from ..train.data import IMG_EXTENSIONS, ensure_digits
 
         files = sorted(p for p in (ensure_digits() / "val").rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
