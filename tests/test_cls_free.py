@@ -43,7 +43,7 @@ def test_scores_equal_the_formula_timm_vit(qk_norm, regs):
 def test_scores_equal_the_formula_with_rope():
     m = _eva()
     x, rope = m._pos_embed(m.patch_embed(torch.randn(2, 3, 64, 64)))
-    blk = _Block(m.blocks[0], rope, rope)
+    blk = _Block(m.blocks[0], 0, None, rope, m.num_prefix_tokens)
     z = blk.norm1(x)
     _, k, _ = split_qkv(blk.attn, z)                                  # rotated keys
     torch.testing.assert_close(mean_query_logits(blk.attn, z, k, 0), _explicit(blk.attn, z, k, 0),
@@ -67,17 +67,32 @@ def test_pruning_without_class_token_scores_with_the_average_query(make, method)
     assert vitrim.flops(m) < vitrim.flops(vitrim.remove(m) or m)
 
 
-def test_methods_that_need_a_class_token_still_say_so():
-    """Every built-in method scores without a class token now; a pruning method that does not declare
-    ``scores_without_class_token`` is still refused on such a model."""
-    from vitrim.adapters import get_adapter
-    from vitrim.methods._pruning import PruningMethod
-    from vitrim.methods.base import get_method_class
-
-    class NeedsClassToken(PruningMethod):
-        name = "needs_cls"
-
-    assert all(get_method_class(n).scores_without_class_token
-               for n in ("evit", "etps", "dynamicvit", "dtps", "idle"))
-    with pytest.raises(vitrim.OptionError, match="class token"):
-        NeedsClassToken(get_adapter(_vit()).info())
+@pytest.mark.parametrize("make", [_vit, _eva])
+def test_idle_without_class_token_ranks_by_the_average_query(make):
+    """IdleViT's ranking without a class token: the head-mean pre-softmax logits of the average patch token's
+    query (``mean_query_logits``), the computed rows are the prefix rows and the top-K by that score."""
+    from vitrim.ops.idle import idle_block_gather, idle_scores
+    m = make(reg_tokens=2) if make is _vit else make(num_reg_tokens=2)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = m(x)
+        vitrim.apply(m, "idle", keep_rate=1.0)
+        assert torch.equal(m(x), ref)
+        vitrim.update(m, keep_rate=0.5, layers=(1,))
+        out, state = m.forward_with_state(x)
+        tokens = m.patch_embed(x)
+        tokens = m._pos_embed(tokens)
+        tokens, rope = tokens if isinstance(tokens, tuple) else (tokens, None)
+        tokens = m.blocks[0](tokens, rope=rope) if rope is not None else m.blocks[0](tokens)
+        blk = m.blocks[1] if rope is None else _Block(m.blocks[1], 1, None, rope, 2)
+        z = blk.norm1(tokens)
+        _, k, _ = split_qkv(blk.attn, z)
+        expected = mean_query_logits(blk.attn, z, k, 2).mean(1)                  # [B, n]
+        torch.testing.assert_close(idle_scores(blk.attn, z, 2, mean_query=True), expected, rtol=1e-5, atol=1e-5)
+        _, index = idle_block_gather(blk, tokens, 8, 2, mean_query=True)
+    rec = state.records[-1]
+    assert torch.equal(rec.index, index) and rec.keep == 8
+    assert torch.equal(index[:, :2], torch.arange(2).expand(2, 2))
+    top = expected.topk(8, dim=-1).indices + 2
+    assert torch.equal(index[:, 2:].sort(-1).values, top.sort(-1).values)
+    assert out.shape == ref.shape and not torch.equal(out, ref)

@@ -310,19 +310,14 @@ def test_bad_options(opts, match):
     assert not vitrim.is_reduced(model)
 
 
-@pytest.mark.parametrize("regs", [0, 2])
-def test_model_without_class_token_ranks_with_the_average_query(regs):
-    """[vitrim extension]: the average patch token's query ranks the tokens (tests/test_map_pool.py checks
-    the formula); keep_rate=1 is still the model's own forward."""
-    model = small_vit(class_token=False, reg_tokens=regs, global_pool="avg")
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        ref = model(x)
-        vitrim.apply(model, "idle", keep_rate=1.0)
-        assert torch.equal(model(x), ref)
-        vitrim.update(model, keep_rate=0.5)
-        out, state = model.forward_with_state(x)
-    assert out.shape == ref.shape and state.records[0].index.shape[1] == regs + 32
+def test_model_without_class_token_ranks_with_the_average_query():
+    """No class token: IdleViT ranks with the average patch token's query [vitrim extension]
+    (tests/test_cls_free.py checks the scores); the plan counts the same rows."""
+    for kw in (dict(class_token=False, global_pool="avg"), dict(class_token=False, reg_tokens=2, global_pool="avg")):
+        model = vitrim.apply(small_vit(**kw), "idle", keep_rate=0.7)
+        assert not vitrim.get_method(model).info.has_class_token
+        assert model(torch.randn(1, 3, 64, 64)).shape[0] == 1
+        assert vitrim.flops(model) < vitrim.flops(vitrim.remove(model) or model)
 
 
 def test_update_validates_and_changes_plan():

@@ -252,6 +252,15 @@ def test_distilled_deit_works(method):
     assert cls_out.shape == dist_out.shape == (3, 10)
 
 
+def test_every_pruning_method_reduces_a_model_without_class_token():
+    """EViT and eTPS score with the average token's query, DynamicViT and dTPS's predictors need no class
+    token (tests/test_cls_free.py has the scores)."""
+    for method in METHODS:
+        assert get_method_class(method).scores_without_class_token
+        model = vitrim.apply(vit(class_token=False, global_pool="avg"), method)
+        assert vitrim.flops(model) < vitrim.flops(vitrim.remove(model) or model)
+
+
 def test_evit_output_order_and_fused_token():
     model = vit(depth=2)
     vitrim.apply(model, "evit", keep_rate=0.5, locations=(0,))

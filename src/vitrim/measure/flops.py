@@ -184,7 +184,12 @@ def count_traced(model: nn.Module, x: torch.Tensor,
         missing = {op for op in sdpa_called if op not in counted}
         return counter.get_total_flops(), missing
 
+    # parameters leave autograd for the count: a view of a parameter made under no_grad (timm's attention-pool
+    # latent, ``latent.expand``) still requires grad without a grad_fn, which FlopCounterMode's module tracker rejects
+    grads = [(p, p.requires_grad) for p in model.parameters()]
     try:
+        for p, _ in grads:
+            p.requires_grad_(False)
         total, missing = count()
         fallback = False
         if missing:
@@ -192,6 +197,8 @@ def count_traced(model: nn.Module, x: torch.Tensor,
                 total, _ = count()
             fallback = True
     finally:
+        for p, flag in grads:
+            p.requires_grad_(flag)
         model.train(was_training)
     return total / 2 / 1e9, {"sdpa_uncounted_ops": sorted(missing), "explicit_attention_fallback": fallback}
 

@@ -92,6 +92,7 @@ class ModelInfo:
     needs_all_tokens_why: str = ""    # the family's reason, said when a token-removing method is refused
     windowed: bool = False            # blocks attend within fixed windows and hand their own window idle forms (Swin)
     family_label: str = ""            # human-readable family name for messages ("PVT-v2")
+    weighted_attention_pool: bool = False  # an attention-pool head ("map") that takes pool_weights as log biases
 
     def stage_of(self, block: int) -> int:
         """Stage of a 0-based block index (0 for plain sequence models)."""
@@ -245,9 +246,10 @@ class ReductionMethod(nn.Module):
     @classmethod
     def check_model(cls, info: ModelInfo) -> None:
         """Raise a clear error if the method cannot reduce a model with these facts (before any work)."""
-        if info.global_pool not in cls.supported_pools:
+        pools = cls.supported_pools + (("map",) if info.weighted_attention_pool else ())
+        if info.global_pool not in pools:
             raise OptionError(f"method {cls.name!r} cannot keep pooling {info.global_pool!r} correct; "
-                              f"accepted pooling: {', '.join(repr(p) for p in cls.supported_pools)}")
+                              f"accepted pooling: {', '.join(repr(p) for p in pools)}")
         if info.needs_all_tokens and cls.removes_tokens:
             idling = [n for n in method_names() if not _REGISTRY[n].removes_tokens]
             label = info.family_label or info.family

@@ -123,24 +123,32 @@ def _heads(attn: nn.Module, t: torch.Tensor) -> torch.Tensor:
     return t.reshape(B, T, attn.num_heads, attn.head_dim).transpose(1, 2)
 
 
-def _class_query(attn: nn.Module, z: torch.Tensor, num_prefix: int = 0, mean_query: bool = False) -> torch.Tensor:
-    """The class token's query (after ``q_norm``), times ``scale / heads``: ``[B, T, C] -> [B, A]``.
+def _class_query(attn: nn.Module, z: torch.Tensor, num_prefix: int = 1, mean_query: bool = False) -> torch.Tensor:
+    """The scoring query (after ``q_norm``, no rotation), times ``scale / heads``: ``[B, T, C] -> [B, A]``.
 
-    ``mean_query``: the query of the average patch row ``mean_j z_j`` (rows after the ``num_prefix``
-    prefix rows) instead, for models without a class token [vitrim extension]."""
+    The class token's (row 0), or with ``mean_query`` the average patch token's, ``W_q mean_j(z_j) + b_q``
+    over the patch rows (models without a class token [vitrim extension]).
+    """
     B = z.shape[0]
     w_q, b_q = qkv_part(attn, 0)
     row = z[:, num_prefix:].mean(dim=1) if mean_query else z[:, 0]
-    q = attn.q_norm(F.linear(row, w_q, b_q).reshape(B, attn.num_heads, attn.head_dim))
+    q = attn.q_norm(F.linear(row, w_q, b_q).reshape(B, attn.num_heads, 1, attn.head_dim))   # [B, H, 1, d]
     return q.reshape(B, attn.attn_dim) * (attn.scale / attn.num_heads)
 
 
+def _for_rows(attn: nn.Module, index: torch.Tensor) -> nn.Module:
+    """The attention for the rows ``index: [B, S]`` only: a family whose q/k norms depend on the row
+    (rotary positions) gives ``attn.at_rows(index)``; otherwise ``attn`` itself."""
+    at_rows = getattr(attn, "at_rows", None)
+    return attn if at_rows is None else at_rows(index)
+
+
 def _keys(attn: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """Keys of all rows, token-major, after ``k_norm``: ``[B, T, C] -> [B, T, A]``."""
+    """Keys of all rows, token-major, after ``k_norm`` (on ``[B, H, T, d]``): ``[B, T, C] -> [B, T, A]``."""
     B, T, _ = z.shape
     w_k, b_k = qkv_part(attn, 1)
-    k = F.linear(z, w_k, b_k)
-    return attn.k_norm(k.reshape(B, T, attn.num_heads, attn.head_dim)).reshape(B, T, attn.attn_dim)
+    k = _heads(attn, F.linear(z, w_k, b_k))
+    return attn.k_norm(k).transpose(1, 2).reshape(B, T, attn.attn_dim)
 
 
 def scores_through_linear_keys(q: torch.Tensor, z: torch.Tensor, w_k: torch.Tensor,
@@ -163,7 +171,8 @@ def scores_through_linear_keys(q: torch.Tensor, z: torch.Tensor, w_k: torch.Tens
 
 
 def low_rank_scoring(attn: nn.Module) -> bool:
-    """Whether the ranking can skip the keys: true when keys are linear in ``z`` (no ``k_norm``)."""
+    """Whether the ranking can skip the keys: true when keys are linear in ``z`` (no ``k_norm``, no
+    rotation: a rotary family's ``k_norm`` includes its rotation)."""
     return isinstance(attn.k_norm, nn.Identity)
 
 
@@ -179,8 +188,8 @@ def rank_scores(attn: nn.Module, z: torch.Tensor, num_prefix: int, mean_query: b
 
     Args:
         z: ``[B, T, C]`` the block's ``norm1`` output; num_prefix: ``p``.
-        mean_query: rank with the average patch token's query (models without a class token,
-            [vitrim extension]; the same formula with ``q = W_q mean_j z_j + b_q``).
+        mean_query: score with the average patch token's query instead of the class token's (models
+            without a class token [vitrim extension]; ``docs/methods/idlevit.md``).
 
     Returns:
         ``(score [B, N], keys)``: scores of the patch tokens (class query only, never the full
@@ -210,8 +219,8 @@ def head_mean_logits(attn: nn.Module, q: torch.Tensor, k: torch.Tensor) -> torch
     return (qf @ kf.transpose(1, 2)) * (attn.scale / H)
 
 
-def idle_block_gather(block: nn.Module, x: torch.Tensor, keep: int,
-                      num_prefix: int, mean_query: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def idle_block_gather(block: nn.Module, x: torch.Tensor, keep: int, num_prefix: int,
+                      mean_query: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One idle layer, inference form ("Inference").
 
     The class query ranks the patch tokens (:func:`rank_scores`: without ``k_norm`` no per-token
@@ -220,7 +229,7 @@ def idle_block_gather(block: nn.Module, x: torch.Tensor, keep: int,
 
     Args:
         x: ``[B, T, C]`` tokens entering the block; keep: ``K``; num_prefix: ``p`` (always computed).
-        mean_query: rank with the average patch token's query (no class token; :func:`rank_scores`).
+        mean_query: rank with the average patch token's query (no class token, see :func:`rank_scores`).
 
     Returns:
         ``(out [B, T, C], index [B, S])``; ``out`` is a new tensor whose idle rows equal ``x``'s.
@@ -240,7 +249,7 @@ def idle_block_gather(block: nn.Module, x: torch.Tensor, keep: int,
         b = attn.qkv.bias.reshape(3, A)[0::2].reshape(2 * A) if attn.qkv.bias is not None else None
         q, v = F.linear(zs, w, b).reshape(B, S, 2, H, d).permute(2, 0, 3, 1, 4).unbind(0)
         k = _heads(attn, k_all.reshape(B * T, A).index_select(0, flat).view(B, S, A))
-    q = attn.q_norm(q)
+    q = _for_rows(attn, index).q_norm(q)                            # rotary families: the selected rows' rotation
     xs = x.reshape(B * T, C).index_select(0, flat).view(B, S, C)
     xs = xs + block.drop_path1(block.ls1(project(attn, attend(attn, q, k, v), zs)))
     xs = xs + block.drop_path2(block.ls2(block.mlp(block.norm2(xs))))
@@ -308,7 +317,7 @@ def idle_block_train(block: nn.Module, x: torch.Tensor, keep: int, num_prefix: i
     S = index.shape[1]
     k = _keys(attn, z) if k_all is None else k_all                  # [B, T, A] token-major, after k_norm
     w_q, b_q = qkv_part(attn, 0)
-    q = attn.q_norm(F.linear(z, w_q, b_q).view(B, T, H, d)).reshape(B, T, A)
+    q = attn.q_norm(_heads(attn, F.linear(z, w_q, b_q))).transpose(1, 2).reshape(B, T, A)
     logits = (q @ k.transpose(1, 2)) * (attn.scale / H)             # = head_mean_logits, all rows
     flat = _flat(index, T)
     qs = q.reshape(B * T, A).index_select(0, flat).view(B, S, H, d).transpose(1, 2)

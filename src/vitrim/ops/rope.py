@@ -16,19 +16,22 @@ def gather_rope(rope: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """The rope rows of the current patch tokens.
 
     Args:
-        rope: ``[N0, 2D]`` (one table for all heads) or ``[H, N0, 2D]`` (per head), timm's layout.
-        index: ``[B, n]`` original patch index of each current patch token; ``-1``: no position
+        rope: ``[N0, 2D]`` (one table for all heads), ``[H, N0, 2D]`` (per head) or ``[B, h, N0, 2D]``
+            (rows already per sample), timm's layout.
+        index: ``[B, n]`` index of each current patch token into the table's rows; ``-1``: no position
             (the identity rotation).
 
     Returns:
         ``[B, 1, n, 2D]`` or ``[B, H, n, 2D]``, broadcastable against ``q, k: [B, H, n, d]``.
     """
-    table = rope if rope.dim() == 3 else rope.unsqueeze(0)              # [h, N0, 2D]
-    h, _, two_d = table.shape
     B, n = index.shape
+    if rope.dim() == 4:
+        table = rope.expand(B, -1, -1, -1)                              # [B, h, N0, 2D]
+    else:
+        table = (rope if rope.dim() == 3 else rope.unsqueeze(0)).unsqueeze(0).expand(B, -1, -1, -1)
+    h, two_d = table.shape[1], table.shape[-1]
     safe = index.clamp(min=0)
-    rows = table.unsqueeze(0).expand(B, -1, -1, -1).gather(
-        2, safe[:, None, :, None].expand(B, h, n, two_d))                # [B, h, n, 2D]
+    rows = table.gather(2, safe[:, None, :, None].expand(B, h, n, two_d))  # [B, h, n, 2D]
     identity = torch.cat([torch.zeros_like(rows[..., :two_d // 2]), torch.ones_like(rows[..., two_d // 2:])], -1)
     return torch.where((index < 0)[:, None, :, None], identity, rows)
 
@@ -72,8 +75,9 @@ def merge_positions(decision, positions: torch.Tensor, size: Optional[torch.Tens
 def rows_from_positions(rope: torch.Tensor, positions: torch.Tensor, grid_w: int,
                         recompute: Optional[Callable[[torch.Tensor], torch.Tensor]]) -> torch.Tensor:
     """Rope rows ``[B, h|1, n, 2D]`` of tokens at ``positions: [B, n, 2]``: the module's own row where a
-    token sits on the grid, ``recompute(coords [M, 2]) -> [M, 2D]`` (the rotation at those coordinates)
-    elsewhere. Averaging sin/cos values is never done: it is not a rotation."""
+    token sits on the grid, ``recompute(coords [M, 2]) -> [M, 2D]`` (or ``[H, M, 2D]`` for a per-head
+    table ``rope: [H, N0, 2D]``; the rotation at those coordinates) elsewhere. Averaging sin/cos values
+    is never done: it is not a rotation."""
     rounded = positions.round()
     on_grid = (positions == rounded).all(-1)                                          # [B, n]
     index = (rounded[..., 0] * grid_w + rounded[..., 1]).long()
@@ -81,5 +85,6 @@ def rows_from_positions(rope: torch.Tensor, positions: torch.Tensor, grid_w: int
     if recompute is None:
         return rows
     B, n, _ = positions.shape
-    fresh = recompute(positions.reshape(B * n, 2)).reshape(B, 1, n, -1).to(rows.dtype)
-    return torch.where(on_grid[:, None, :, None], rows, fresh)
+    fresh = recompute(positions.reshape(B * n, 2))                                    # [(H,) B n, 2D]
+    fresh = fresh.reshape(B, 1, n, -1) if fresh.dim() == 2 else fresh.reshape(-1, B, n, fresh.shape[-1]).transpose(0, 1)
+    return torch.where(on_grid[:, None, :, None], rows, fresh.to(rows.dtype))
