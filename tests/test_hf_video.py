@@ -19,7 +19,7 @@ ZERO = {"tome": {"r": 0}, "evit": {"keep_rate": 1.0}, "etps": {"keep_rate": 1.0}
 REDUCED = {"tome": {"r": 6}, "evit": {"keep_rate": 0.5, "locations": (1, 2)},
            "etps": {"keep_rate": 0.5, "locations": (1, 2)}, "dynamicvit": {"keep_rate": 0.7, "locations": (1, 2)},
            "dtps": {"keep_rate": 0.7, "locations": (1, 2)}, "idle": {"keep_rate": 0.5}}
-VIDEO_METHODS = ["tome", "evit", "etps"]   # the others need a class token (their own check refuses)
+VIDEO_METHODS = vitrim.methods()   # every method: no class token needed (average-token query, live-token mean)
 
 
 def video(cls=True, attn="sdpa", **kw):

@@ -5,8 +5,8 @@ The input is a clip ``[B, T, C, H, W]``; a ``Conv3d`` cuts it into tubelets of `
 frames by ``patch_size`` pixels, one token each, ``T / tubelet_size`` time steps of an ``h x w`` grid,
 ordered time first, then rows, then columns. Every token is a patch token: there is no class token
 (``num_prefix_tokens = 0``), so ToMe merges across space and time alike, and the pruning methods score
-with the average-token query (the class-token-free rule, a [vitrim extension]; IdleViT refuses models
-without a class token).
+with the average-token query (the class-token-free rule, a [vitrim extension]; IdleViT ranks with it too),
+DynamicViT and dTPS with their predictors' live-token mean.
 
 The grid the methods and pictures see is ``(T' * h, w)``: the time steps stacked along the height,
 which is exactly the token order, so a merge group spanning frames is a group spanning tiles
