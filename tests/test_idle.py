@@ -329,7 +329,7 @@ def test_update_validates_and_changes_plan():
     assert vitrim.flops(model) == pytest.approx(2.333, abs=0.001)
     vitrim.update(model, layers=range(4, 12))
     assert vitrim.flops(model) == pytest.approx(2.641, abs=0.001)
-    assert vitrim.get_method(model).options() == {"keep_rate": 0.5, "layers": tuple(range(4, 12))}
+    assert vitrim.get_method(model).options() == {"keep_rate": 0.5, "layers": tuple(range(4, 12)), "score": "attention"}
 
 
 # ---------------------------------------------------------------------- training and compile
