@@ -49,3 +49,6 @@ def test_benchmark_training_rejects_bad_input():
         benchmark_training({"m": torch.nn.Linear(2, 2)}, precision="fp8")
     with pytest.raises(ValueError, match="at least one model"):
         benchmark_training({})
+    frozen = torch.nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter with requires_grad=True"):
+        benchmark_training({"m": frozen}, input_size=(2,), batch_size=2)

@@ -195,6 +195,18 @@ def test_train_reduced_then_eval(small_data, tmp_path, capsys):
     assert res[names[1]]["gmacs"] < res[names[0]]["gmacs"] and res[names[1]]["images"] == 40
 
 
+def test_frozen_backbone_trains_only_the_method(small_data, tmp_path, capsys):
+    """backbone_lr_scale=0 (how the shipped predictors are trained; only the method's parts learn, see
+    test_param_groups_scale_and_freeze): the start-up speed check says why it times no unreduced step."""
+    out = tmp_path / "frozen"
+    argv = train_argv(small_data, out, "--epochs", "1", "--method", "dynamicvit", "--keep-rate", "0.7",
+                      "--set", "backbone_lr_scale=0", recipe="digits-finetune")
+    assert main(argv) == 0
+    assert "training speed not measured (the backbone is frozen" in capsys.readouterr().out
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["train_img_per_s"] > 0 and row.get("unreduced_train_img_per_s") is None
+
+
 def test_yaml_config_with_cli_override(small_data, tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"model: vitrim_vit_digits\nmodel_kwargs: {{depth: 2, embed_dim: 32, num_heads: 2}}\n"

@@ -241,6 +241,10 @@ def benchmark_training(
     for name, m in models.items():
         m.train()
         params = [p for p in m.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"benchmark_training: model {name!r} has no parameter with requires_grad=True, so "
+                              f"there is no training step to time; unfreeze some parameters or time inference "
+                              f"with benchmark()")
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
         scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
         loss_fn = loss_fns.get(name, cross_entropy_loss)
