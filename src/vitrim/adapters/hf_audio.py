@@ -61,7 +61,8 @@ class HFASTAdapter(HFTrunkAdapter):
         return trunk.embeddings(inputs)
 
     @classmethod
-    def finish(cls, trunk: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def finish(cls, trunk: nn.Module, x: torch.Tensor,
+               state: ForwardState) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         x = trunk.layernorm(x)
         return x, (x[:, 0] + x[:, 1]) / 2
 

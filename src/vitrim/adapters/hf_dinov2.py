@@ -119,7 +119,8 @@ class HFDinov2Adapter(HFTrunkAdapter):
         return trunk.embeddings(inputs, bool_masked_pos=bool_masked_pos)
 
     @classmethod
-    def finish(cls, trunk: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def finish(cls, trunk: nn.Module, x: torch.Tensor,
+               state: ForwardState) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         x = trunk.layernorm(x)
         return x, x[:, 0, :]
 

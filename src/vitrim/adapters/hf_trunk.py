@@ -1,14 +1,15 @@
-"""What the Hugging Face adapters for DINOv2, VideoMAE and AST share: a transformers *trunk* (embeddings,
-a list of pre-norm layers, a final norm) whose forward vitrim replaces, and the model the user holds.
+"""What the Hugging Face adapters for DINOv2, VideoMAE, AST and SigLIP share: a transformers *trunk*
+(embeddings, a list of pre-norm layers, a final norm) whose forward vitrim replaces, and the model the
+user holds.
 
-The families themselves live in their own files (``hf_dinov2.py``, ``hf_video.py``, ``hf_audio.py``);
-each subclasses :class:`HFTrunkAdapter` and fills in its hooks: which classes it takes, the façade of
-one layer (the block contract of :mod:`vitrim.adapters.base`, built from :mod:`vitrim.adapters.hf`'s
-façades so the methods see the layer's own modules), the embedding, the final norm and pooler, and
-the head read from the final tokens. Everything else, the reduced trunk forward (hidden states
-follow the reduction, refused inputs say why), vitrim's entry points on the outer model, the class
-swap that keeps HF's class names (``save_pretrained`` writes the original architecture), pickling
-and removal, is here once.
+The families themselves live in their own files (``hf_dinov2.py``, ``hf_video.py``, ``hf_audio.py``,
+``hf_siglip.py``); each subclasses :class:`HFTrunkAdapter` and fills in its hooks: which classes it
+takes, the façade of one layer (the block contract of :mod:`vitrim.adapters.base`, built from
+:mod:`vitrim.adapters.hf`'s façades so the methods see the layer's own modules), the embedding, the
+final norm and pooler, and the head read from the final tokens. Everything else, the reduced trunk
+forward (hidden states follow the reduction, refused inputs say why), vitrim's entry points on the outer
+model, the class swap that keeps HF's class names (``save_pretrained`` writes the original
+architecture), pickling and removal, is here once.
 
 This module registers no adapter.
 """
@@ -61,6 +62,8 @@ class HFTrunkAdapter(Adapter):
     trunk_output: ClassVar[str] = "BaseModelOutputWithPooling"
     #: outer class name -> the forward vitrim runs instead of its own (heads that pool with weights)
     outer_forwards: ClassVar[dict[str, Callable]] = {}
+    #: keyword inputs of the model's forward that its embeddings take (passed on to :meth:`embed`)
+    embed_inputs: ClassVar[tuple[str, ...]] = ()
 
     # ------------------------------------------------------------------ hooks (families fill these in)
     @staticmethod
@@ -72,13 +75,17 @@ class HFTrunkAdapter(Adapter):
         raise NotImplementedError
 
     @classmethod
-    def embed(cls, trunk: nn.Module, inputs: torch.Tensor, bool_masked_pos: Optional[torch.Tensor]) -> torch.Tensor:
-        """The model's own embeddings: input -> ``[B, P + N, C]``."""
+    def embed(cls, trunk: nn.Module, inputs: torch.Tensor, bool_masked_pos: Optional[torch.Tensor],
+              **options: Any) -> torch.Tensor:
+        """The model's own embeddings: input -> ``[B, P + N, C]`` (``options``: the :attr:`embed_inputs` given)."""
         raise NotImplementedError
 
     @classmethod
-    def finish(cls, trunk: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The model's own final norm and pooler: ``(last_hidden_state, pooler_output or None)``."""
+    def finish(cls, trunk: nn.Module, x: torch.Tensor,
+               state: ForwardState) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The model's own final norm and pooler on the final tokens ``x`` of the forward ``state`` (a pooler
+        that attends over the tokens weighs them with the method's ``pool_weights``):
+        ``(last_hidden_state, pooler_output or None)``."""
         raise NotImplementedError
 
     @classmethod
@@ -162,13 +169,18 @@ class HFTrunkAdapter(Adapter):
         head = getattr(self.model, "classifier", None)
         return [head] if isinstance(head, nn.Module) else []
 
+    def head_macs(self, num_tokens: int, method: Optional[ReductionMethod] = None) -> int:
+        """MACs of the head when ``num_tokens`` tokens enter the first layer and ``method`` reduces them: by
+        default the linears applied to one pooled row (:meth:`head_modules`)."""
+        return sum(linear_macs(h) for h in self.head_modules())
+
     def cost_plan(self, img_size: tuple[int, int], method: Optional[ReductionMethod] = None) -> CostPlan:
         """Analytic MACs (``docs/flops.md``): the layers priced by ``block_macs`` on the façades (attention
-        projections, products, MLP, SwiGLU included), the patch embedding and the classifier."""
+        projections, products, MLP, SwiGLU included), the patch embedding and the head (:meth:`head_macs`)."""
         num_patches = self.num_patches(img_size)
-        head = sum(linear_macs(h) for h in self.head_modules())
-        return price_blocks(self.blocks(), method, num_patches + self.info().num_prefix_tokens,
-                            self.embed_macs(num_patches), head)
+        num_tokens = num_patches + self.info().num_prefix_tokens
+        return price_blocks(self.blocks(), method, num_tokens, self.embed_macs(num_patches),
+                            self.head_macs(num_tokens, method))
 
     @contextlib.contextmanager
     def explicit_attention(self) -> Iterator[None]:
@@ -239,12 +251,13 @@ def _use_checkpointing(self) -> bool:
         getattr(layer, "gradient_checkpointing", False) for layer in type(self)._vitrim_adapter.layers(self))
 
 
-def _run(self, inputs: torch.Tensor, keep_hidden: bool = False, bool_masked_pos: Optional[torch.Tensor] = None):
-    """Embed, thread the state through the façades, final norm and pooler: ``(last_hidden_state,
-    pooler_output, hidden_states, state)``; ``hidden_states`` (with ``keep_hidden``) holds every
-    layer's input and the last layer's output, each with its own token count."""
+def _run(self, inputs: torch.Tensor, keep_hidden: bool = False, bool_masked_pos: Optional[torch.Tensor] = None,
+         **options: Any):
+    """Embed (with the family's ``options``), thread the state through the façades, final norm and pooler:
+    ``(last_hidden_state, pooler_output, hidden_states, state)``; ``hidden_states`` (with ``keep_hidden``)
+    holds every layer's input and the last layer's output, each with its own token count."""
     adapter = type(self)._vitrim_adapter
-    x = adapter.embed(self, inputs, bool_masked_pos)
+    x = adapter.embed(self, inputs, bool_masked_pos, **options)
     method: ReductionMethod = self.vitrim
     state = method.new_state(x)
     hidden = (x,) if keep_hidden else ()
@@ -254,8 +267,13 @@ def _run(self, inputs: torch.Tensor, keep_hidden: bool = False, bool_masked_pos:
         if keep_hidden:
             hidden = hidden + (x,)
     method.finish(state)
-    last, pooled = adapter.finish(self, x)
+    last, pooled = adapter.finish(self, x, state)
     return last, pooled, hidden, state
+
+
+def embed_options(adapter: type, kwargs: dict) -> dict:
+    """Pop the family's :attr:`~HFTrunkAdapter.embed_inputs` from a forward's ``kwargs``."""
+    return {key: kwargs.pop(key) for key in adapter.embed_inputs if key in kwargs}
 
 
 def check_kwargs(self, kwargs: dict) -> None:
@@ -299,9 +317,10 @@ def _trunk_forward(self, *args: Any, bool_masked_pos: Optional[torch.Tensor] = N
         raise VitrimError(f"bool_masked_pos is not supported on a vitrim-reduced {type(self).__name__}: masking drops "
                           f"tokens before the first layer, so the token grid the methods rely on is gone; "
                           f"vitrim.remove(model) restores the original behaviour")
+    options = embed_options(adapter, kwargs)
     check_kwargs(self, kwargs)
     keep = hidden_flag(self, output_hidden_states)
-    last, pooled, hidden, _ = self._vitrim_run(inputs, keep, bool_masked_pos)
+    last, pooled, hidden, _ = self._vitrim_run(inputs, keep, bool_masked_pos, **options)
     out_cls = getattr(modeling_outputs, adapter.trunk_output)
     fields = dict(last_hidden_state=last, hidden_states=hidden if keep else None)
     if "pooler_output" in out_cls.__dataclass_fields__:
@@ -341,10 +360,11 @@ def classifier_forward(output_class: str, input_name: str) -> Callable:
         inputs = args[0] if args else kwargs.pop(input_name, None)
         if inputs is None:
             raise ValueError(f"You have to specify {input_name}")
+        options = embed_options(adapter, kwargs)
         check_kwargs(self, kwargs)
         keep = hidden_flag(self, output_hidden_states)
         trunk = adapter.trunk_of(self)
-        last, _, hidden, state = trunk._vitrim_run(inputs, keep)
+        last, _, hidden, state = trunk._vitrim_run(inputs, keep, **options)
         logits = adapter.head(self, last, state)
         loss = None if labels is None else self.loss_function(labels, logits, self.config)
         out = getattr(modeling_outputs, output_class)(loss=loss, logits=logits, hidden_states=hidden if keep else None)

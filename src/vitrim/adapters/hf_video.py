@@ -78,7 +78,8 @@ class HFVideoMAEAdapter(HFTrunkAdapter):
         return trunk.embeddings(inputs, None)
 
     @classmethod
-    def finish(cls, trunk: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def finish(cls, trunk: nn.Module, x: torch.Tensor,
+               state: ForwardState) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         return (trunk.layernorm(x) if trunk.layernorm is not None else x), None
 
     @classmethod
