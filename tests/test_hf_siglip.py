@@ -1,8 +1,8 @@
 """Hugging Face SigLIP (SiglipVisionModel, SiglipForImageClassification) under every method: zero reduction
 bit-identical (SDPA and eager), hidden states follow the reduction, the attention-pool head's proportional
 attention (log(size) on its keys equals pooling duplicates), pruning pools what remains, the classifier's
-size-weighted mean, FLOPs against FlopCounterMode, batch independence, other input sizes, the CLI on
-save_pretrained folders, refusals."""
+size-weighted mean, FLOPs against FlopCounterMode, batch independence, other input sizes, torch.compile,
+the CLI on save_pretrained folders, refusals."""
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -143,9 +143,9 @@ def test_tome_pools_with_log_size_and_pruning_pools_what_remains():
 def test_masked_training_pools_the_live_tokens(name):
     model = vitrim.apply(siglip(), name, **OPTIONS[name])
     model.train()
-    head, state = vitrim.forward_with_state(model, X)
+    tokens, state = vitrim.forward_tokens(model, X)  # the Gumbel decisions are sampled: one forward
+    head = model.forward_head_with_state(tokens, state)
     assert state.policy is not None and state.policy.shape == (2, 16, 1)
-    tokens, _ = vitrim.forward_tokens(model, X)
     live = state.policy[0, :, 0] > 0
     torch.testing.assert_close(head[0], model.head(tokens[:1, live])[0], rtol=1e-5, atol=1e-5)
     head.sum().backward()
@@ -182,6 +182,15 @@ def test_other_sizes_interpolate_positions():
         vitrim.update(model, r=5)
         assert model(torch.randn(1, 3, 48, 40)).last_hidden_state.shape == (1, 30 - 4 * 5, 48)
     assert vitrim.flops(model, (48, 40)) < vitrim.flops(plain, (48, 40))
+
+
+def test_compiles_as_one_graph():
+    torch._dynamo.reset()
+    model = vitrim.apply(siglip(), "tome", r=3)  # the pool with log(size) on its keys inside the graph
+    explained = torch._dynamo.explain(lambda x: model(x).pooler_output)(X)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+    torch._dynamo.reset()
 
 
 # ---------------------------------------------------------------------- refusals
