@@ -100,10 +100,6 @@ class HFASTAdapter(HFTrunkAdapter):
                 f"table is fixed); got {img_size[0]}x{img_size[1]}")
         return self._grid(self.trunk.config)
 
-    def num_patches(self, img_size: Optional[tuple[int, int]] = None) -> int:
-        f, t = self.grid_size(img_size)
-        return f * t
-
     def input_shape(self, img_size: Optional[tuple[int, int]] = None) -> tuple[int, ...]:
         """``(time, freq)`` of one spectrogram."""
         self.num_patches(img_size)

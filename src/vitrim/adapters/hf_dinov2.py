@@ -27,7 +27,7 @@ from ..measure.flops import conv_macs
 from ..methods.base import ModelInfo
 from ..state import ForwardState
 from .base import register_adapter
-from .hf import FusedQKV, HFAttention, HFBlock, ProbDropout, _pair, _transformers_class
+from .hf import FusedQKV, HFAttention, HFBlock, ProbDropout, _transformers_class
 from .hf_trunk import HFTrunkAdapter, classifier_forward, weighted_mean
 
 __all__ = ["HFDinov2Adapter", "HFScaledBlock"]
@@ -141,21 +141,6 @@ class HFDinov2Adapter(HFTrunkAdapter):
             # the classifiers average the patch tokens (weighted after a reduction); the base model reads the class token
             global_pool="avg" if getattr(self.model, "classifier", None) is not None else "token",
             has_class_token=True)
-
-    def default_img_size(self) -> tuple[int, int]:
-        return _pair(self.trunk.config.image_size)
-
-    def grid_size(self, img_size: Optional[tuple[int, int]] = None) -> tuple[int, int]:
-        h, w = self.default_img_size() if img_size is None else img_size
-        ph, pw = _pair(self.trunk.config.patch_size)
-        if h < ph or w < pw:
-            raise UnsupportedModelError(f"input {h}x{w} is smaller than one {ph}x{pw} patch; accepted: sizes of at "
-                                        f"least one patch (position embeddings are interpolated)")
-        return h // ph, w // pw
-
-    def num_patches(self, img_size: Optional[tuple[int, int]] = None) -> int:
-        h, w = self.grid_size(img_size)
-        return h * w
 
     def embed_macs(self, num_patches: int) -> int:
         return conv_macs(self.trunk.embeddings.patch_embeddings.projection, num_patches)

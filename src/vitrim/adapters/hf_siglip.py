@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModelError
@@ -66,7 +67,7 @@ class _InProjRows:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, T, C] -> [B, T, stop - start]``."""
-        return torch.nn.functional.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 class SiglipPool:
@@ -191,10 +192,10 @@ class HFSiglipAdapter(HFTrunkAdapter):
         """Classifier: ``classifier(weighted mean)``; vision model: its attention-pool head, or the weighted
         mean of the tokens without one."""
         weights = model.vitrim.pool_weights(state)
-        if getattr(model, "classifier", None) is None and model.use_head:
-            return siglip_pool(model, tokens, weights)
-        pooled = weighted_mean(tokens, weights)
-        return pooled if getattr(model, "classifier", None) is None else model.classifier(pooled)
+        classifier = getattr(model, "classifier", None)
+        if classifier is not None:
+            return classifier(weighted_mean(tokens, weights))
+        return siglip_pool(model, tokens, weights) if model.use_head else weighted_mean(tokens, weights)
 
     # ------------------------------------------------------------------ facts
     def _pools_with_head(self) -> bool:
@@ -206,21 +207,6 @@ class HFSiglipAdapter(HFTrunkAdapter):
                          embed_dim=cfg.hidden_size, num_heads=cfg.num_attention_heads, num_prefix_tokens=0,
                          num_patches=self.num_patches(), global_pool="map" if self._pools_with_head() else "avg",
                          has_class_token=False, weighted_attention_pool=bool(self.trunk.use_head))
-
-    def default_img_size(self) -> tuple[int, int]:
-        return _pair(self.trunk.config.image_size)
-
-    def grid_size(self, img_size: Optional[tuple[int, int]] = None) -> tuple[int, int]:
-        h, w = self.default_img_size() if img_size is None else img_size
-        p = int(self.trunk.config.patch_size)
-        if h < p or w < p:
-            raise UnsupportedModelError(f"input {h}x{w} is smaller than one {p}x{p} patch; accepted: sizes of at "
-                                        f"least one patch (the position table is interpolated)")
-        return h // p, w // p
-
-    def num_patches(self, img_size: Optional[tuple[int, int]] = None) -> int:
-        h, w = self.grid_size(img_size)
-        return h * w
 
     def embed_macs(self, num_patches: int) -> int:
         return conv_macs(self.trunk.embeddings.patch_embedding, num_patches)

@@ -26,7 +26,7 @@ from ..measure.flops import CostPlan, linear_macs, price_blocks
 from ..methods.base import ReductionMethod
 from ..state import ForwardState
 from .base import Adapter, make_reduced_class, run_block
-from .hf import HFBlock, _transformers_class
+from .hf import HFBlock, _pair, _transformers_class
 
 __all__ = ["HFTrunkAdapter", "weighted_mean", "classifier_forward"]
 
@@ -157,6 +157,23 @@ class HFTrunkAdapter(Adapter):
     # ------------------------------------------------------------------ facts
     def blocks(self) -> list[HFBlock]:
         return [self.make_block(layer, self.trunk.config) for layer in self.layers(self.trunk)]
+
+    def default_img_size(self) -> tuple[int, int]:
+        return _pair(self.trunk.config.image_size)
+
+    def grid_size(self, img_size: Optional[tuple[int, int]] = None) -> tuple[int, int]:
+        """``(h, w)`` patch grid of an image family whose embeddings interpolate their position table (any
+        size of at least one patch); families with a fixed table refuse other sizes."""
+        h, w = self.default_img_size() if img_size is None else img_size
+        ph, pw = _pair(self.trunk.config.patch_size)
+        if h < ph or w < pw:
+            raise UnsupportedModelError(f"input {h}x{w} is smaller than one {ph}x{pw} patch; accepted: sizes of at "
+                                        f"least one patch (position embeddings are interpolated)")
+        return h // ph, w // pw
+
+    def num_patches(self, img_size: Optional[tuple[int, int]] = None) -> int:
+        h, w = self.grid_size(img_size)
+        return h * w
 
     def input_shape(self, img_size: Optional[tuple[int, int]] = None) -> tuple[int, ...]:
         """One sample's input shape for ``img_size`` (images: ``(C, H, W)``)."""

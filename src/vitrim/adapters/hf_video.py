@@ -102,9 +102,6 @@ class HFVideoMAEAdapter(HFTrunkAdapter):
         cfg = self.trunk.config
         return int(cfg.num_frames) // int(cfg.tubelet_size)
 
-    def default_img_size(self) -> tuple[int, int]:
-        return _pair(self.trunk.config.image_size)
-
     def grid_size(self, img_size: Optional[tuple[int, int]] = None) -> tuple[int, int]:
         """``(T' * h, w)``: the tubelet grid with its time steps stacked along the height (the token order)."""
         size = self.default_img_size()
@@ -114,10 +111,6 @@ class HFVideoMAEAdapter(HFTrunkAdapter):
                 f"sizes and its sinusoidal position table is fixed); got {img_size[0]}x{img_size[1]}")
         ph, pw = _pair(self.trunk.config.patch_size)
         return self.frames() * (size[0] // ph), size[1] // pw
-
-    def num_patches(self, img_size: Optional[tuple[int, int]] = None) -> int:
-        h, w = self.grid_size(img_size)
-        return h * w
 
     def input_shape(self, img_size: Optional[tuple[int, int]] = None) -> tuple[int, ...]:
         """``(T, C, H, W)`` of one clip."""
