@@ -34,17 +34,17 @@ def is_digits_model(name: Optional[str]) -> bool:
     """Whether ``name`` is one of vitrim's digits models (their data defaults to the digits canvases and
     their weights to the shipped checkpoint)."""
     return name in DIGITS_MODELS
-#: fine-tuned learned parts of methods on the embedded model: ``<method>_<keep_rate>.pth`` holding only
-#: ``vitrim.*`` keys (score predictors), trained with the backbone frozen (see its README)
+#: fine-tuned learned parts of methods on the digits models: ``<model>/<method>_<keep_rate>.pth`` holding
+#: only ``vitrim.*`` keys (score predictors), trained with the backbone frozen (see its README)
 SHIPPED_METHOD_WEIGHTS = Path(__file__).parent / "assets" / "predictors"
 
 
 def shipped_method_weights(model: str, method: str, options: dict) -> Optional[Path]:
-    """The shipped fine-tuned weights of ``method``'s learned parts for the embedded ``model`` at
+    """The shipped fine-tuned weights of ``method``'s learned parts for the digits ``model`` at
     ``options`` (a keep rate alone, the method's other options at their defaults), or ``None``."""
-    if model != EMBEDDED_MODEL or set(options) != {"keep_rate"}:
+    if not is_digits_model(model) or set(options) != {"keep_rate"}:
         return None
-    path = SHIPPED_METHOD_WEIGHTS / f"{method}_{options['keep_rate']}.pth"
+    path = SHIPPED_METHOD_WEIGHTS / model / f"{method}_{options['keep_rate']}.pth"
     return path if path.is_file() else None
 
 def _digits_cfg(name: str) -> dict:
