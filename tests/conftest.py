@@ -21,6 +21,42 @@ def make_vit():
     return small_vit
 
 
+def assert_traced_matches_analytic(model, width: int, rel: float = 0.02) -> None:
+    """``vitrim.traced_flops`` equals ``vitrim.flops`` within ``rel``. Under IdleViT the analytic count has
+    the paper's keys of every token while the model executes ``W_k^T q`` (see test_idle.py): that
+    difference, ``width^2`` MACs per idle token per reduced layer, is taken off first."""
+    import vitrim
+
+    saved = 0.0
+    if is_reduced_with(model, "idle"):
+        report = vitrim.flops_report(model)
+        saved = sum((report.num_tokens - l.tokens_in - 1) * width * width for l in report.layers
+                    if l.tokens_in < report.num_tokens) / 1e9
+    assert vitrim.traced_flops(model) == pytest.approx(vitrim.flops(model) - saved, rel=rel)
+
+
+def check_cli_on_folder(model_arg: str, r: int, tmp_path) -> None:
+    """``vitrim flops --traced``, ``bench``, ``visualize`` and ``export --verify`` (when onnxscript is
+    installed) on one model argument (e.g. ``hf:FOLDER``) with ToMe at ``r``."""
+    from vitrim.cli import main
+
+    assert main(["flops", "--model", model_arg, "--r", str(r), "--traced"]) == 0
+    assert main(["bench", "--model", model_arg, "--r", str(r), "--batch-size", "2", "--repeats", "1", "--iters",
+                 "1", "--warmup", "0", "--device", "cpu"]) == 0
+    assert main(["visualize", "--model", model_arg, "--r", str(r), "-o", str(tmp_path / "v.png")]) == 0
+    assert (tmp_path / "v.png").stat().st_size > 0
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError:
+        return
+    assert main(["export", "--model", model_arg, "--r", str(r), "-o", str(tmp_path / "m.onnx"), "--verify"]) == 0
+
+
+def is_reduced_with(model, method: str) -> bool:
+    vitrim_part = getattr(model, "vitrim", None)
+    return getattr(vitrim_part, "name", None) == method
+
+
 def record_token_counts(model):
     """Forward hooks that record the rows each block's attention and MLP see."""
     counts = {"attn": [], "mlp": []}

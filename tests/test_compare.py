@@ -7,6 +7,7 @@ import pytest
 from vitrim.cli.compare import add_compare_parser
 from vitrim.compare import compare, default_sweep, markdown_table, pareto_front, parse_checkpoints, parse_sweep
 from vitrim.errors import VitrimError
+from vitrim.zoo import DIGITS_MODELS, shipped_method_weights
 
 
 def test_default_sweeps_fit_the_model():
@@ -45,6 +46,7 @@ def test_compare_embedded_default(tmp_path):
     assert all(r.gmacs < base.gmacs for r in res.rows[1:])
     assert base.speedup[2] == 1.0 and all(r.latency_ms > 0 and r.img_per_s[2] > 0 for r in res.rows)
     assert res.rows[5].params_m > base.params_m  # DynamicViT's predictors are counted
+    assert [r.weights for r in res.rows[4:6]] == ["shipped fine-tune"] * 2  # the shipped predictors, not random ones
     with open(out / "results.csv") as f:
         lines = list(csv.DictReader(f))
     assert [l["method"] for l in lines] == [r.method for r in res.rows]
@@ -78,3 +80,24 @@ def test_cli_checkpoint_row(tmp_path, capsys):
     off = next(l for l in lines if l.split()[:2] == ["idle", "keep_rate=0.5"])
     assert "checkpoint" not in off and "untrained" not in off  # off the shelf
     assert "wrote " + str(tmp_path / "r" / "acc_vs_gmacs.png") in out
+
+
+@pytest.mark.parametrize("model", sorted(DIGITS_MODELS))
+def test_shipped_predictors_fit_their_model(model):
+    """Every digits model ships DynamicViT and dTPS predictors at the default sweep's keep rates, and each
+    file holds exactly the learned parts the method adds to that model."""
+    import timm
+    import torch
+
+    import vitrim
+
+    for method in ("dynamicvit", "dtps"):
+        for keep in (0.9, 0.7, 0.5):
+            path = shipped_method_weights(model, method, {"keep_rate": keep})
+            assert path is not None and path.parent.name == model
+            reduced = vitrim.apply(timm.create_model(model), method, keep_rate=keep)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            expected = {k: v.shape for k, v in reduced.state_dict().items() if k.startswith("vitrim.")}
+            assert {k: v.shape for k, v in state.items()} == expected
+    assert shipped_method_weights(model, "dynamicvit", {"keep_rate": 0.8}) is None
+    assert shipped_method_weights("deit_tiny_patch16_224", "dynamicvit", {"keep_rate": 0.7}) is None

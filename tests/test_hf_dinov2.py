@@ -8,6 +8,7 @@ transformers = pytest.importorskip("transformers")
 
 import vitrim  # noqa: E402
 from test_compile_methods import reduced_options, zero_options  # noqa: E402
+from conftest import assert_traced_matches_analytic  # noqa: E402
 
 METHODS = vitrim.methods()
 SHAPE = dict(image_size=32, patch_size=4, hidden_size=48, num_hidden_layers=4, num_attention_heads=3, mlp_ratio=2)
@@ -82,12 +83,7 @@ def test_flops_match_flop_counter(name):
     model = dino("cls", registers=1, attn="eager")
     assert vitrim.traced_flops(model) == pytest.approx(vitrim.flops(model), rel=0.01)
     vitrim.apply(model, name, **reduced_options(name))
-    saved = 0.0
-    if name == "idle":  # analytic: the paper's keys of every token; executed: W_k^T q_cls (see test_idle.py)
-        report = vitrim.flops_report(model)
-        saved = sum((report.num_tokens - l.tokens_in - 1) * 48 * 48 for l in report.layers
-                    if l.tokens_in < report.num_tokens) / 1e9
-    assert vitrim.traced_flops(model) == pytest.approx(vitrim.flops(model) - saved, rel=0.02)
+    assert_traced_matches_analytic(model, 48)
 
 
 def test_other_sizes_interpolate_and_remove_restores():

@@ -13,8 +13,8 @@ import vitrim  # noqa: E402
 from test_compile_methods import reduced_options, zero_options  # noqa: E402
 from vitrim.adapters import get_adapter  # noqa: E402
 from vitrim.adapters.hf_siglip import SiglipPool  # noqa: E402
-from vitrim.cli import main  # noqa: E402
 from vitrim.ops.attention import latent_pool  # noqa: E402
+from conftest import assert_traced_matches_analytic, check_cli_on_folder  # noqa: E402
 
 METHODS = vitrim.methods()
 SHAPE = dict(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=4, num_attention_heads=3,
@@ -72,12 +72,7 @@ def test_reduced_forward_hidden_states_head_and_flops(name):
         assert counts == [16, 13, 10, 7, 4]
     torch.testing.assert_close(head, out.pooler_output)
     assert vitrim.flops(model) < vitrim.flops(plain)
-    saved = 0.0
-    if name == "idle":  # analytic: the paper's keys of every token; executed: W_k^T q_bar (see test_idle.py)
-        report = vitrim.flops_report(model)
-        saved = sum((report.num_tokens - l.tokens_in - 1) * 48 * 48 for l in report.layers
-                    if l.tokens_in < report.num_tokens) / 1e9
-    assert vitrim.traced_flops(model) == pytest.approx(vitrim.flops(model) - saved, rel=0.02)
+    assert_traced_matches_analytic(model, 48)
 
 
 @pytest.mark.parametrize("kind", ["vision", "cls"])
@@ -238,13 +233,6 @@ def folders(tmp_path_factory):
 
 @pytest.mark.parametrize("which", ["vision", "cls"])
 def test_cli(which, folders, tmp_path, capsys):
-    m = f"hf:{folders / which}"
-    assert main(["flops", "--model", m, "--r", "3", "--traced"]) == 0
-    assert main(["bench", "--model", m, "--r", "3", "--batch-size", "2", "--repeats", "1", "--iters", "1",
-                 "--warmup", "0", "--device", "cpu"]) == 0
-    assert main(["visualize", "--model", m, "--r", "3", "-o", str(tmp_path / "v.png")]) == 0
-    assert (tmp_path / "v.png").stat().st_size > 0
+    check_cli_on_folder(f"hf:{folders / which}", 3, tmp_path)
     text = capsys.readouterr().out
     assert "traced" in text and "speedup" in text
-    pytest.importorskip("onnxscript")
-    assert main(["export", "--model", m, "--r", "3", "-o", str(tmp_path / "m.onnx"), "--verify"]) == 0

@@ -8,7 +8,7 @@ transformers = pytest.importorskip("transformers")
 
 import vitrim  # noqa: E402
 from vitrim.adapters import get_adapter  # noqa: E402
-from vitrim.cli import main  # noqa: E402
+from conftest import check_cli_on_folder  # noqa: E402
 
 VIDEO = dict(image_size=32, patch_size=8, num_frames=8, tubelet_size=2, hidden_size=48, num_hidden_layers=4,
              num_attention_heads=3, intermediate_size=96)
@@ -130,13 +130,6 @@ def folders(tmp_path_factory):
 
 @pytest.mark.parametrize("which", ["vm", "ast"])
 def test_cli(which, folders, tmp_path, capsys):
-    m = f"hf:{folders / which}"
-    assert main(["flops", "--model", m, "--r", "4", "--traced"]) == 0
-    assert main(["bench", "--model", m, "--r", "4", "--batch-size", "2", "--repeats", "1", "--iters", "1",
-                 "--warmup", "0", "--device", "cpu"]) == 0
-    pytest.importorskip("onnxscript")
-    assert main(["export", "--model", m, "--r", "4", "-o", str(tmp_path / "m.onnx"), "--verify"]) == 0
-    assert main(["visualize", "--model", m, "--r", "4", "-o", str(tmp_path / "v.png")]) == 0
-    assert (tmp_path / "v.png").stat().st_size > 0
+    check_cli_on_folder(f"hf:{folders / which}", 4, tmp_path)
     text = capsys.readouterr().out
     assert "traced" in text and "speedup" in text and ("(1, 8, 3, 32, 32)" in text or "(1, 64, 32)" in text)
