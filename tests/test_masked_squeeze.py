@@ -1,6 +1,6 @@
-"""The cheaper TPS squeezing (``ops.prune.squeeze_masked``, dTPS training; ``squeeze_gather``, eTPS and
-inference) gives the values and gradients of the dense formulas: the ``[B, N, N]`` cosine similarity
-with its max and the ``[B, R, M]`` assignment matrix (docs/methods/pruning.md, "Squeezing (eTPS, dTPS)")."""
+"""The cheaper masked TPS squeezing (``ops.prune.squeeze_masked``, dTPS training) gives the values and
+gradients of the dense formula: the ``[B, N, N]`` cosine similarity with its masked max and the
+``[B, N, N]`` assignment matrix (docs/methods/pruning.md, "Squeezing (eTPS, dTPS)")."""
 import copy
 import importlib
 import math
@@ -10,7 +10,7 @@ import torch
 
 import vitrim
 from vitrim.cli.measure import training_loss
-from vitrim.ops.prune import cosine_similarity_matrix, squeeze_gather, squeeze_masked
+from vitrim.ops.prune import cosine_similarity_matrix, squeeze_masked
 from conftest import small_vit
 
 
@@ -30,11 +30,6 @@ def dense_squeeze_masked(x, keep, pruned_now, eps=1e-6):
     has_host = torch.isfinite(best)
     weight = torch.where(has_host, best, torch.zeros_like(best)).exp() * has_host * pruned_now[..., 0]
     return dense_absorb(x, x, host, weight)
-
-
-def dense_squeeze_gather(reserved, pruned, eps=1e-6, num_protected=0):
-    sim, host = cosine_similarity_matrix(pruned, reserved[:, num_protected:], eps).max(dim=-1)
-    return dense_absorb(reserved, pruned, host + num_protected, sim.exp())
 
 
 def masks(B, N, g, empty_sample=True):
@@ -80,24 +75,6 @@ def test_squeeze_masked_chooses_the_dense_hosts_exactly():
     changed_new, changed_ref = (new != x).any(-1), (ref != x).any(-1)
     assert torch.equal(changed_new, changed_ref) and changed_new.any()
     torch.testing.assert_close(new, ref, atol=1e-6, rtol=1e-6)
-
-
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-@pytest.mark.parametrize("num_protected", [0, 2])
-def test_squeeze_gather_is_the_assignment_matrix_formula(dtype, tol, num_protected):
-    """eTPS trains through the gather form: values and gradients of the scatter-add absorption."""
-    g = torch.Generator().manual_seed(2)
-    reserved = torch.randn(3, 9, 8, generator=g, dtype=dtype)
-    pruned = torch.randn(3, 14, 8, generator=g, dtype=dtype)
-    upstream = torch.randn(3, 9, 8, generator=g, dtype=dtype)
-    results = []
-    for fn in (squeeze_gather, dense_squeeze_gather):
-        r, p = reserved.clone().requires_grad_(), pruned.clone().requires_grad_()
-        out = fn(r, p, num_protected=num_protected)
-        out.backward(upstream)
-        results.append([out.detach(), r.grad, p.grad])
-    for name, a, b in zip(["out", "dreserved", "dpruned"], *results):
-        torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=name)
 
 
 def test_dtps_training_step_equals_the_dense_forms(monkeypatch):

@@ -190,21 +190,39 @@ def cosine_similarity_matrix(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6
 def _absorb(hosts: torch.Tensor, src: torch.Tensor, host_index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``y_j = (e x_j + sum_i w_i x_i) / (e + sum_i w_i)`` over the ``i`` with ``host_index_i = j``.
 
-    Computed as ``y = S / D + x * (e / D)`` with ``S_j = sum_{i -> j} w_i x_i`` and ``D_j = e + sum_{i -> j} w_i``,
-    both by one ``scatter_add`` over the ``M`` sources (``O(M C)``; its backward is a gather), not a
-    ``[B, R, M]`` assignment matrix and its matmul. A host that receives nothing has ``S = 0``,
-    ``D = e`` and ``e / D = 1`` exactly, so it is returned bit-identical.
+    Computed as ``y = (A / D) @ src + x * (e / D)`` with the ``[B, R, M]`` assignment matrix
+    ``A_ji = w_i [host_index_i = j]`` and ``D_j = e + sum_i A_ji``: one small matmul and one
+    multiply-add over the hosts. A host that receives nothing has ``D = e``, ``e / D = 1``
+    exactly and a zero row in ``A``, so it is returned bit-identical.
 
     Args:
         hosts: ``[B, R, C]``; src: ``[B, M, C]``; host_index: ``[B, M]`` into ``R``;
         weight: ``[B, M]`` (0 for rows that are not absorbed).
     """
-    B, R, C = hosts.shape
-    w = weight.to(hosts.dtype)                                                  # [B, M]
-    index = host_index.unsqueeze(-1)                                            # [B, M, 1]
-    num = hosts.new_zeros(B, R, C).scatter_add(1, index.expand(-1, -1, C), src * w.unsqueeze(-1))
-    den = hosts.new_zeros(B, R, 1).scatter_add(1, index, w.unsqueeze(-1)) + E   # [B, R, 1]
-    return torch.addcmul(num / den, hosts, E / den)
+    B, R = hosts.shape[:2]
+    w = weight.to(hosts.dtype).unsqueeze(1)                                   # [B, 1, M]
+    assign = torch.zeros(B, R, w.shape[-1], dtype=w.dtype, device=w.device).scatter(1, host_index.unsqueeze(1), w)
+    den = assign.sum(dim=-1, keepdim=True) + E                                # [B, R, 1]
+    return torch.addcmul((assign / den) @ src, hosts, E / den)
+
+
+def _absorb_scattered(x: torch.Tensor, host_index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """:func:`_absorb` of ``x`` into itself by one scatter-add, for the masked form's ``M = R = N``.
+
+    ``y = S / D + x * (e / D)`` with ``S_j = sum_{i -> j} w_i x_i`` and ``D_j = e + sum_{i -> j} w_i``:
+    ``O(N C)`` (its backward is a gather) instead of the ``[B, N, N]`` assignment matrix and its
+    ``N^2 C`` matmul. A row that receives nothing has ``S = 0``, ``D = e`` and ``e / D = 1`` exactly,
+    so it is returned bit-identical; the others equal :func:`_absorb`'s to float rounding.
+
+    Args:
+        x: ``[B, N, C]``; host_index: ``[B, N]`` into ``N``; weight: ``[B, N]`` (0 for rows not absorbed).
+    """
+    B, N, C = x.shape
+    w = weight.to(x.dtype).unsqueeze(-1)                                        # [B, N, 1]
+    index = host_index.unsqueeze(-1)                                            # [B, N, 1]
+    num = x.new_zeros(B, N, C).scatter_add(1, index.expand(-1, -1, C), x * w)
+    den = x.new_zeros(B, N, 1).scatter_add(1, index, w) + E                     # [B, N, 1]
+    return torch.addcmul(num / den, x, E / den)
 
 
 def squeeze_gather(reserved: torch.Tensor, pruned: torch.Tensor, eps: float = 1e-6,
@@ -269,7 +287,7 @@ def squeeze_masked(x: torch.Tensor, keep: torch.Tensor, pruned_now: torch.Tensor
     Cost: the ``[B, N, N]`` similarity is computed once without gradient, to choose the hosts
     (:func:`_nearest_hosts`); the chosen similarity ``c_i = cos(x_i, x_{host_i})`` gets its
     gradient from the two gathered rows (``O(N C)``: the gradient of the dense max is zero
-    everywhere else), and the absorption is one scatter-add (:func:`_absorb`). The forward values
+    everywhere else), and the absorption is one scatter-add (:func:`_absorb_scattered`). The forward values
     are those of the dense formula (the chosen entry's value is the matrix's own); the gradients
     too, to float rounding.
     """
@@ -280,7 +298,7 @@ def squeeze_masked(x: torch.Tensor, keep: torch.Tensor, pruned_now: torch.Tensor
     chosen = (x * partner).sum(dim=-1) / (na * na.gather(1, host))              # cos(x_i, x_host_i), [B, N]
     sim = best.masked_fill(~has_host, 0.0) + (chosen - chosen.detach())         # the dense value, its gradient
     weight = sim.exp() * has_host * pruned_now[..., 0]
-    return _absorb(x, x, host, weight)
+    return _absorb_scattered(x, host, weight)
 
 
 # ---------------------------------------------------------------------- learned decisions
