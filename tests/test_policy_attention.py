@@ -1,6 +1,6 @@
 """The cheaper masked training form of DynamicViT / dTPS (``ops.prune.policy_attention``) gives the
 values and gradients of the explicit "softmax with policy" formula (docs/methods/pruning.md, "DynamicViT";
-docs/training.md, "Training speed")."""
+docs/training.md, "What each method computes in training")."""
 import copy
 
 import pytest
