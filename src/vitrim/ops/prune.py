@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "PruneRecord",
@@ -371,10 +372,11 @@ class _PolicyAttention(torch.autograd.Function):
     The autograd graph of the same expression would add, over ``[B, H, T, T]``, the backward of
     ``logits - m`` (a negation and a row sum, for the max's gradient) and the gather of the
     arg-max keys; here the max's gradient ``-sum_j e_ij dL/de_ij`` is the ``[B, H, T, d + 1]`` dot
-    ``-(dL/dnu) . nu`` and it re-enters the logits as ``T`` entries added at the arg-max keys, so the
-    ``[T, T]`` work is the forward's two matmuls, max, subtraction and ``exp`` (in place), and the
-    backward's four matmuls and one in-place multiply. The ``[B, H, T, d]`` terms are written into
-    preallocated or in-place buffers: on the CPU a fresh large tensor costs its page faults.
+    ``-(dL/dnu) . nu`` and it re-enters the logits as ``T`` entries added at the arg-max keys (and
+    the own-key term's as ``T`` entries on the diagonal), so the ``[T, T]`` work is the forward's
+    two matmuls, max, subtraction and ``exp`` (in place), and the backward's four matmuls and one
+    in-place multiply. The ``[B, H, T, d]`` terms are written into preallocated or in-place
+    buffers: on the CPU a fresh large tensor costs its page faults.
     """
 
     @staticmethod
@@ -394,7 +396,7 @@ class _PolicyAttention(torch.autograd.Function):
         w[..., d:] = p
         nu = e.to(v.dtype) @ w                                                   # [B, H, T, d + 1]
         nu_acc = nu.to(acc)
-        own_e = ((qs * k).sum(dim=-1, keepdim=True).to(acc) - m).exp_()          # e_ii, [B, H, T, 1]
+        own_e = e.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)                       # e_ii, [B, H, T, 1] (a view)
         pa = p.to(acc)
         vf = v.to(acc)
         num = torch.addcmul(nu_acc[..., :d], own_e * (1 - pa), vf)
@@ -407,6 +409,7 @@ class _PolicyAttention(torch.autograd.Function):
         return out.to(v.dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         qs, k, v, p, w, e, nu, top, own_e, den, out = ctx.saved_tensors
         B, H, T, d = qs.shape
@@ -424,18 +427,14 @@ class _PolicyAttention(torch.autograd.Function):
         g_w = (e.to(md).transpose(-2, -1) @ g_nu_m).to(acc)                      # [B, H, T, d + 1]
         g_a = (g_nu_m @ w.to(md).transpose(-2, -1)).to(acc).mul_(e)              # [B, H, T, T]
         g_a.scatter_add_(-1, top, g_m)                                           # the max: d m_i / d a_{i, top_i} = 1
+        g_a.diagonal(dim1=-2, dim2=-1).add_(g_diag[..., 0])                      # e_ii is the logits' diagonal
         g_q = g_k = g_v = g_p = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            g_l = g_a.to(ld).view(B * H, T, T)
-            g_d = g_diag.to(ld)
-            if ctx.needs_input_grad[0]:  # scale * (dA @ k + dA_ii k)
-                k3 = k.to(ld).view(B * H, T, d)
-                g_q = torch.baddbmm((k3 * g_d.view(B * H, T, 1)).mul_(ctx.scale), g_l, k3, alpha=ctx.scale)
-                g_q = g_q.view(B, H, T, d).to(qs.dtype)
-            if ctx.needs_input_grad[1]:  # dA^T @ qs + dA_ii qs
-                q3 = qs.to(ld).reshape(B * H, T, d)
-                g_k = torch.baddbmm(q3 * g_d.view(B * H, T, 1), g_l.transpose(1, 2), q3)
-                g_k = g_k.view(B, H, T, d).to(k.dtype)
+            g_l = g_a.to(ld)
+            if ctx.needs_input_grad[0]:  # scale * dA @ k
+                g_q = (g_l @ k.to(ld)).mul_(ctx.scale).to(qs.dtype)
+            if ctx.needs_input_grad[1]:  # dA^T @ (scale q)
+                g_k = (g_l.transpose(-2, -1) @ qs.to(ld)).to(k.dtype)
         if ctx.needs_input_grad[2]:  # P * dL/d(Pv) + own dL/dnum + eps/T sum_i dL/dnum_i
             g_v = torch.addcmul(g_num.sum(dim=-2, keepdim=True).mul_(ctx.eps / T), g_num, own)
             g_v = g_v.addcmul_(g_w[..., :d], pa).to(v.dtype)
@@ -456,7 +455,7 @@ def policy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: 
         sum_j e_ij G_ij     = e @ P       + e_ii (1 - P_i)
 
     so one matmul ``e @ [P * v, P]`` (``[B, H, T, d + 1]``) gives the numerator and the row sum, the
-    query's own key is added from the diagonal ``e_ii`` (computed row-wise from ``q`` and ``k``), and the
+    query's own key is added from the diagonal ``e_ii`` of ``e``, and the
     ``eps`` terms of :func:`softmax_with_policy` are applied to the ``[B, H, T, d]`` result:
     ``out_i = (sum_j e_ij G_ij v_j + eps/T sum_j v_j) / (sum_j e_ij G_ij + eps)``. The only ``[T, T]``
     work left is the logits, the max, one ``exp`` and the matmul (and their backward), instead of the
