@@ -384,9 +384,10 @@ class _PolicyAttention(torch.autograd.Function):
                 eps: float) -> torch.Tensor:
         B, H, T, d = q.shape
         acc = torch.promote_types(v.dtype, torch.float32)  # fp32 for fp16 / bf16 / fp32, fp64 stays fp64
-        k = k.contiguous()  # a strided 4-D operand is copied by every matmul: once here, reused by backward
-        qs = q * scale
-        logits = qs @ k.transpose(-2, -1)                                        # [B, H, T, T]
+        # every matmul is a bmm on [B H, ., .] views: 4-D matmul copies strided (and transposed) operands
+        k = k.contiguous()  # split_qkv's k is a strided view: copied once here, reused by backward
+        qs = torch.mul(q, scale, out=torch.empty(q.shape, dtype=q.dtype, device=q.device))   # contiguous
+        logits = torch.bmm(qs.view(B * H, T, d), k.view(B * H, T, d).transpose(1, 2)).view(B, H, T, T)
         e = logits.to(acc)
         m, top = e.max(dim=-1, keepdim=True)                                     # [B, H, T, 1]
         e = e.sub_(m).exp_()                                                     # in place: no [T, T] copy
@@ -394,12 +395,14 @@ class _PolicyAttention(torch.autograd.Function):
         w = v.new_empty(B, H, T, d + 1)                                          # [P * v, P]
         torch.mul(v, p, out=w[..., :d])
         w[..., d:] = p
-        nu = e.to(v.dtype) @ w                                                   # [B, H, T, d + 1]
+        nu = torch.bmm(e.to(v.dtype).view(B * H, T, T), w.view(B * H, T, d + 1)).view(B, H, T, d + 1)
         nu_acc = nu.to(acc)
         own_e = e.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)                       # e_ii, [B, H, T, 1] (a view)
         pa = p.to(acc)
         vf = v.to(acc)
-        num = torch.addcmul(nu_acc[..., :d], own_e * (1 - pa), vf)
+        # laid out [B, T, H, d] (as SDPA's output): the caller's heads-to-tokens reshape is then a view
+        num = torch.empty(B, T, H, d, dtype=acc, device=v.device).transpose(1, 2)
+        torch.addcmul(nu_acc[..., :d], own_e * (1 - pa), vf, out=num)
         num = num.add_(vf.sum(dim=-2, keepdim=True), alpha=eps / T)
         den = nu_acc[..., d:] + own_e * (1 - pa) + eps                           # [B, H, T, 1]
         out = num.div_(den)
@@ -423,18 +426,19 @@ class _PolicyAttention(torch.autograd.Function):
         g_own = (g_num * vf).sum(dim=-1, keepdim=True) + g_den                   # [B, H, T, 1]
         g_diag = g_own * own                                                     # d own / d a_ii = own
         g_m = (g_nu * nu).sum(dim=-1, keepdim=True).neg_() - g_diag              # through e and through e_ii
-        g_nu_m = g_nu.to(md)
-        g_w = (e.to(md).transpose(-2, -1) @ g_nu_m).to(acc)                      # [B, H, T, d + 1]
-        g_a = (g_nu_m @ w.to(md).transpose(-2, -1)).to(acc).mul_(e)              # [B, H, T, T]
+        g_nu_m = g_nu.to(md).view(B * H, T, d + 1)
+        g_w = torch.bmm(e.to(md).view(B * H, T, T).transpose(1, 2), g_nu_m).view(B, H, T, d + 1).to(acc)
+        g_a = torch.bmm(g_nu_m, w.to(md).view(B * H, T, d + 1).transpose(1, 2)).view(B, H, T, T)
+        g_a = g_a.to(acc).mul_(e)                                                # dL/dA, [B, H, T, T]
         g_a.scatter_add_(-1, top, g_m)                                           # the max: d m_i / d a_{i, top_i} = 1
         g_a.diagonal(dim1=-2, dim2=-1).add_(g_diag[..., 0])                      # e_ii is the logits' diagonal
         g_q = g_k = g_v = g_p = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            g_l = g_a.to(ld)
+            g_l = g_a.to(ld).view(B * H, T, T)
             if ctx.needs_input_grad[0]:  # scale * dA @ k
-                g_q = (g_l @ k.to(ld)).mul_(ctx.scale).to(qs.dtype)
+                g_q = torch.bmm(g_l, k.to(ld).view(B * H, T, d)).mul_(ctx.scale).view(B, H, T, d).to(qs.dtype)
             if ctx.needs_input_grad[1]:  # dA^T @ (scale q)
-                g_k = (g_l.transpose(-2, -1) @ qs.to(ld)).to(k.dtype)
+                g_k = torch.bmm(g_l.transpose(1, 2), qs.to(ld).view(B * H, T, d)).view(B, H, T, d).to(k.dtype)
         if ctx.needs_input_grad[2]:  # P * dL/d(Pv) + own dL/dnum + eps/T sum_i dL/dnum_i
             g_v = torch.addcmul(g_num.sum(dim=-2, keepdim=True).mul_(ctx.eps / T), g_num, own)
             g_v = g_v.addcmul_(g_w[..., :d], pa).to(v.dtype)
