@@ -97,7 +97,13 @@ def test_dtps_training_step_equals_the_dense_forms(monkeypatch):
 
     loss_new, grads_new = step(model)
     reference = copy.deepcopy(model)
-    monkeypatch.setattr(importlib.import_module("vitrim.methods.dynamicvit"), "squeeze_masked", dense_squeeze_masked)
+    p = model.num_prefix_tokens
+
+    def sliced_dense(x, keep, pruned_now):  # the previous wiring: squeeze the patch rows only, re-attach the prefix
+        assert not keep[:, :p].any() and not pruned_now[:, :p].any()
+        return torch.cat([x[:, :p], dense_squeeze_masked(x[:, p:], keep[:, p:], pruned_now[:, p:])], dim=1)
+
+    monkeypatch.setattr(importlib.import_module("vitrim.methods.dynamicvit"), "squeeze_masked", sliced_dense)
     monkeypatch.setattr(importlib.import_module("vitrim.methods._pruning"), "attend_with_policy", _old_attend)
     loss_ref, grads_ref = step(reference)
     torch.testing.assert_close(loss_new, loss_ref, atol=1e-5, rtol=1e-5)

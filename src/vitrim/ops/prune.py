@@ -273,7 +273,8 @@ def squeeze_masked(x: torch.Tensor, keep: torch.Tensor, pruned_now: torch.Tensor
     """TPS squeezing, masked fixed-shape form (dTPS training; docs/methods/pruning.md, "Squeezing").
 
     Args:
-        x: ``[B, N, C]`` patch tokens (all positions, alive or not).
+        x: ``[B, N, C]`` patch tokens (all positions, alive or not); rows with both masks 0 (e.g.
+            prefix tokens passed along to spare the caller a slice) are neither hosts nor squeezed.
         keep: ``[B, N, 1]`` 0/1 tokens kept at this stage (the only possible hosts). Used as a
             boolean column mask, so it carries no gradient here.
         pruned_now: ``[B, N, 1]`` 0/1 tokens pruned at this stage (``(1 - keep) * prev``); it
