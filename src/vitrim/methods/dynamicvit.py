@@ -189,8 +189,11 @@ class DynamicViT(PruningMethod):
         k = self._keep(stage, state.num_patches)
         keep = self.masked_decision(logp, prev, k)
         if self.squeeze:
-            patches = squeeze_masked(x[:, prefix:], keep, (1 - keep) * prev)
-            x = torch.cat([x[:, :prefix], patches], dim=1)
+            # the prefix rows take part as rows that are neither hosts nor squeezed (both masks 0), so
+            # they come back bit-identical with no slice or concatenation of x (whose backward would
+            # zero-fill two [B, T, C] gradients)
+            none = keep.new_zeros(B, prefix, 1)
+            x = squeeze_masked(x, torch.cat([none, keep], dim=1), torch.cat([none, (1 - keep) * prev], dim=1))
         policy = torch.cat([keep.new_ones(B, prefix, 1), keep], dim=1)
         state = state.replace(policy=policy)
         return x, self._record(state, index, stage, k, keep=keep[..., 0], scores=logp[..., 0])

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "PruneRecord",
@@ -206,6 +207,25 @@ def _absorb(hosts: torch.Tensor, src: torch.Tensor, host_index: torch.Tensor, we
     return torch.addcmul((assign / den) @ src, hosts, E / den)
 
 
+def _absorb_scattered(x: torch.Tensor, host_index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """:func:`_absorb` of ``x`` into itself by one scatter-add, for the masked form's ``M = R = N``.
+
+    ``y = S / D + x * (e / D)`` with ``S_j = sum_{i -> j} w_i x_i`` and ``D_j = e + sum_{i -> j} w_i``:
+    ``O(N C)`` (its backward is a gather) instead of the ``[B, N, N]`` assignment matrix and its
+    ``N^2 C`` matmul. A row that receives nothing has ``S = 0``, ``D = e`` and ``e / D = 1`` exactly,
+    so it is returned bit-identical; the others equal :func:`_absorb`'s to float rounding.
+
+    Args:
+        x: ``[B, N, C]``; host_index: ``[B, N]`` into ``N``; weight: ``[B, N]`` (0 for rows not absorbed).
+    """
+    B, N, C = x.shape
+    w = weight.to(x.dtype).unsqueeze(-1)                                        # [B, N, 1]
+    index = host_index.unsqueeze(-1)                                            # [B, N, 1]
+    num = x.new_zeros(B, N, C).scatter_add(1, index.expand(-1, -1, C), x * w)
+    den = x.new_zeros(B, N, 1).scatter_add(1, index, w) + E                     # [B, N, 1]
+    return torch.addcmul(num / den, x, E / den)
+
+
 def squeeze_gather(reserved: torch.Tensor, pruned: torch.Tensor, eps: float = 1e-6,
                    num_protected: int = 0, return_hosts: bool = False) -> torch.Tensor:
     """TPS squeezing, gather form (docs/methods/pruning.md, "Squeezing (eTPS, dTPS)"): each pruned token joins its most similar reserved token.
@@ -232,11 +252,29 @@ def squeeze_gather(reserved: torch.Tensor, pruned: torch.Tensor, eps: float = 1e
     return (out, host) if return_hosts else out
 
 
+def _nearest_hosts(x: torch.Tensor, norms: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Without gradient: each row's most similar kept row.
+
+    ``x: [B, N, C]``, ``norms: [B, N]`` (``|x| + eps``), ``keep: [B, N, 1]`` -> ``(host [B, N] int64,
+    best [B, N])``, ``best = -inf`` where the sample keeps no row. The :func:`cosine_similarity_matrix`
+    formula, so the choice is the dense one's; the ``[B, N, N]`` matrix is divided and masked in
+    place and only read by the ``max`` (no backward through it).
+    """
+    with torch.no_grad():
+        n = norms.detach()
+        sim = torch.bmm(x.detach(), x.detach().transpose(1, 2))                 # [B, N, N]
+        sim.div_(n.unsqueeze(-1) * n.unsqueeze(-2))
+        sim.masked_fill_(keep.transpose(1, 2) <= 0, float("-inf"))
+        best, host = sim.max(dim=-1)
+    return host, best
+
+
 def squeeze_masked(x: torch.Tensor, keep: torch.Tensor, pruned_now: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """TPS squeezing, masked fixed-shape form (dTPS training; docs/methods/pruning.md, "Squeezing").
 
     Args:
-        x: ``[B, N, C]`` patch tokens (all positions, alive or not).
+        x: ``[B, N, C]`` patch tokens (all positions, alive or not); rows with both masks 0 (e.g.
+            prefix tokens passed along to spare the caller a slice) are neither hosts nor squeezed.
         keep: ``[B, N, 1]`` 0/1 tokens kept at this stage (the only possible hosts). Used as a
             boolean column mask, so it carries no gradient here.
         pruned_now: ``[B, N, 1]`` 0/1 tokens pruned at this stage (``(1 - keep) * prev``); it
@@ -247,13 +285,22 @@ def squeeze_masked(x: torch.Tensor, keep: torch.Tensor, pruned_now: torch.Tensor
         ``[B, N, C]``: kept rows squeezed as in :func:`squeeze_gather` (equal to it on the kept
         rows, to float rounding); every other row (pruned now, dead before, unmatched hosts) is
         bit-identical to ``x``. A sample with no kept token is returned unchanged.
+
+    Cost: the ``[B, N, N]`` similarity is computed once without gradient, to choose the hosts
+    (:func:`_nearest_hosts`); the chosen similarity ``c_i = cos(x_i, x_{host_i})`` gets its
+    gradient from the two gathered rows (``O(N C)``: the gradient of the dense max is zero
+    everywhere else), and the absorption is one scatter-add (:func:`_absorb_scattered`). The forward values
+    are those of the dense formula (the chosen entry's value is the matrix's own); the gradients
+    too, to float rounding.
     """
-    sim = cosine_similarity_matrix(x, x, eps)                                   # [B, N, N]
-    sim = sim.masked_fill(keep.transpose(1, 2) <= 0, float("-inf"))
-    best, host = sim.max(dim=-1)                                               # [B, N]
-    has_host = torch.isfinite(best)
-    weight = torch.where(has_host, best, torch.zeros_like(best)).exp() * has_host * pruned_now[..., 0]
-    return _absorb(x, x, host, weight)
+    na = torch.linalg.vector_norm(x, dim=-1).add(eps)                           # [B, N]
+    host, best = _nearest_hosts(x, na, keep)
+    has_host = torch.isfinite(best)                                             # [B, N]
+    partner = gather_tokens(x, host)                                            # [B, N, C]
+    chosen = (x * partner).sum(dim=-1) / (na * na.gather(1, host))              # cos(x_i, x_host_i), [B, N]
+    sim = best.masked_fill(~has_host, 0.0) + (chosen - chosen.detach())         # the dense value, its gradient
+    weight = sim.exp() * has_host * pruned_now[..., 0]
+    return _absorb_scattered(x, host, weight)
 
 
 # ---------------------------------------------------------------------- learned decisions
@@ -320,6 +367,88 @@ def softmax_with_policy(logits: torch.Tensor, policy: torch.Tensor, eps: float =
     return ((a + eps / T) / (a.sum(dim=-1, keepdim=True) + eps)).to(logits.dtype)
 
 
+class _PolicyAttention(torch.autograd.Function):
+    """:func:`policy_attention` with a hand-written backward (the formulas in its docstring).
+
+    The autograd graph of the same expression would add, over ``[B, H, T, T]``, the backward of
+    ``logits - m`` (a negation and a row sum, for the max's gradient) and the gather of the
+    arg-max keys; here the max's gradient ``-sum_j e_ij dL/de_ij`` is the ``[B, H, T, d + 1]`` dot
+    ``-(dL/dnu) . nu`` and it re-enters the logits as ``T`` entries added at the arg-max keys (and
+    the own-key term's as ``T`` entries on the diagonal), so the ``[T, T]`` work is the forward's
+    two matmuls, max, subtraction and ``exp`` (in place), and the backward's four matmuls and one
+    in-place multiply. The ``[B, H, T, d]`` terms are written into preallocated or in-place
+    buffers: on the CPU a fresh large tensor costs its page faults.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: torch.Tensor, scale: float,
+                eps: float) -> torch.Tensor:
+        B, H, T, d = q.shape
+        acc = torch.promote_types(v.dtype, torch.float32)  # fp32 for fp16 / bf16 / fp32, fp64 stays fp64
+        # every matmul is a bmm on [B H, ., .] views: 4-D matmul copies strided (and transposed) operands
+        k = k.contiguous()  # split_qkv's k is a strided view: copied once here, reused by backward
+        qs = torch.mul(q, scale, out=torch.empty(q.shape, dtype=q.dtype, device=q.device))   # contiguous
+        logits = torch.bmm(qs.view(B * H, T, d), k.view(B * H, T, d).transpose(1, 2)).view(B, H, T, T)
+        e = logits.to(acc)
+        m, top = e.max(dim=-1, keepdim=True)                                     # [B, H, T, 1]
+        e = e.sub_(m).exp_()                                                     # in place: no [T, T] copy
+        p = policy.reshape(B, 1, T, 1).to(v.dtype)                               # keys (and queries)
+        w = v.new_empty(B, H, T, d + 1)                                          # [P * v, P]
+        torch.mul(v, p, out=w[..., :d])
+        w[..., d:] = p
+        nu = torch.bmm(e.to(v.dtype).view(B * H, T, T), w.view(B * H, T, d + 1)).view(B, H, T, d + 1)
+        nu_acc = nu.to(acc)
+        own_e = e.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)                       # e_ii, [B, H, T, 1] (a view)
+        pa = p.to(acc)
+        vf = v.to(acc)
+        # laid out [B, T, H, d] (as SDPA's output): the caller's heads-to-tokens reshape is then a view
+        num = torch.empty(B, T, H, d, dtype=acc, device=v.device).transpose(1, 2)
+        torch.addcmul(nu_acc[..., :d], own_e * (1 - pa), vf, out=num)
+        num = num.add_(vf.sum(dim=-2, keepdim=True), alpha=eps / T)
+        den = nu_acc[..., d:] + own_e * (1 - pa) + eps                           # [B, H, T, 1]
+        out = num.div_(den)
+        ctx.save_for_backward(qs, k, v, p, w, e, nu_acc, top, own_e, den, out)
+        ctx.scale, ctx.eps, ctx.policy_dtype = scale, eps, policy.dtype
+        ctx.logit_dtype, ctx.nu_dtype = logits.dtype, nu.dtype
+        return out.to(v.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        qs, k, v, p, w, e, nu, top, own_e, den, out = ctx.saved_tensors
+        B, H, T, d = qs.shape
+        acc, ld, md = out.dtype, ctx.logit_dtype, ctx.nu_dtype
+        g_nu = torch.empty(B, H, T, d + 1, dtype=acc, device=grad.device)        # [dL/dnum, dL/dden]
+        g_num = torch.div(grad.to(acc), den, out=g_nu[..., :d])                  # [B, H, T, d]
+        g_den = (g_num * out).sum(dim=-1, keepdim=True).neg_()                   # d out / d den = -out / den
+        g_nu[..., d:] = g_den
+        vf, pa = v.to(acc), p.to(acc)
+        own = own_e * (1 - pa)                                                   # e_ii (1 - P_i)
+        g_own = (g_num * vf).sum(dim=-1, keepdim=True) + g_den                   # [B, H, T, 1]
+        g_diag = g_own * own                                                     # d own / d a_ii = own
+        g_m = (g_nu * nu).sum(dim=-1, keepdim=True).neg_() - g_diag              # through e and through e_ii
+        g_nu_m = g_nu.to(md).view(B * H, T, d + 1)
+        g_w = torch.bmm(e.to(md).view(B * H, T, T).transpose(1, 2), g_nu_m).view(B, H, T, d + 1).to(acc)
+        g_a = torch.bmm(g_nu_m, w.to(md).view(B * H, T, d + 1).transpose(1, 2)).view(B, H, T, T)
+        g_a = g_a.to(acc).mul_(e)                                                # dL/dA, [B, H, T, T]
+        g_a.scatter_add_(-1, top, g_m)                                           # the max: d m_i / d a_{i, top_i} = 1
+        g_a.diagonal(dim1=-2, dim2=-1).add_(g_diag[..., 0])                      # e_ii is the logits' diagonal
+        g_q = g_k = g_v = g_p = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            g_l = g_a.to(ld).view(B * H, T, T)
+            if ctx.needs_input_grad[0]:  # scale * dA @ k
+                g_q = torch.bmm(g_l, k.to(ld).view(B * H, T, d)).mul_(ctx.scale).view(B, H, T, d).to(qs.dtype)
+            if ctx.needs_input_grad[1]:  # dA^T @ (scale q)
+                g_k = torch.bmm(g_l.transpose(1, 2), qs.to(ld).view(B * H, T, d)).view(B, H, T, d).to(k.dtype)
+        if ctx.needs_input_grad[2]:  # P * dL/d(Pv) + own dL/dnum + eps/T sum_i dL/dnum_i
+            g_v = torch.addcmul(g_num.sum(dim=-2, keepdim=True).mul_(ctx.eps / T), g_num, own)
+            g_v = g_v.addcmul_(g_w[..., :d], pa).to(v.dtype)
+        if ctx.needs_input_grad[3]:  # keys: v . dL/d(Pv) + dL/dP; queries: -own_e dL/down; summed over heads
+            g_pk = (g_w[..., :d] * vf).sum(dim=-1, keepdim=True) + g_w[..., d:] - g_own * own_e
+            g_p = g_pk.sum(dim=1).to(ctx.policy_dtype)                           # [B, T, 1]
+        return g_q, g_k, g_v, g_p, None, None
+
+
 def policy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: torch.Tensor, scale: float,
                      eps: float = 1e-6) -> torch.Tensor:
     """``softmax_with_policy(q k^T * scale, policy) @ v`` without the policy-masked ``[T, T]`` matrix.
@@ -331,18 +460,20 @@ def policy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: 
         sum_j e_ij G_ij     = e @ P       + e_ii (1 - P_i)
 
     so one matmul ``e @ [P * v, P]`` (``[B, H, T, d + 1]``) gives the numerator and the row sum, the
-    query's own key is added from the diagonal ``e_ii`` (computed row-wise from ``q`` and ``k``), and the
+    query's own key is added from the diagonal ``e_ii`` of ``e``, and the
     ``eps`` terms of :func:`softmax_with_policy` are applied to the ``[B, H, T, d]`` result:
     ``out_i = (sum_j e_ij G_ij v_j + eps/T sum_j v_j) / (sum_j e_ij G_ij + eps)``. The only ``[T, T]``
     work left is the logits, the max, one ``exp`` and the matmul (and their backward), instead of the
     masked product, the ``eps`` sum and the division over ``[B, H, T, T]``; the gradient still reaches
     every key's policy entry (dropped ones included) through ``P * v`` and ``P``.
 
-    Equal to the explicit formula to float rounding (tested at 1e-5, values and gradients). The row
-    max keeps its gradient (it does not cancel inside the ``eps`` terms, which dominate a row whose
-    allowed keys all score far below its best dropped key); it flows through the one logit
-    ``q_i . k_argmax`` instead of a ``[T, T]`` max backward. No attention dropout: with dropout on
-    the probabilities use :func:`softmax_with_policy`.
+    The backward is written out (:class:`_PolicyAttention`): it is the gradient of the formula
+    above, including the row max's (it does not cancel inside the ``eps`` terms, which dominate a
+    row whose allowed keys all score far below its best dropped key; it reaches the one logit
+    ``q_i . k_argmax``), with no ``[T, T]`` work beyond four matmuls and one multiply. Equal to the
+    explicit formula to float rounding (tested at 1e-5 in float32 and 1e-10 in float64, values and
+    gradients). No attention dropout: with dropout on the probabilities use :func:`softmax_with_policy`.
+    No double backward.
 
     Args:
         q, k, v: ``[B, H, T, d]`` (after q/k-norm); policy: ``[B, T, 1]`` (1 = alive);
@@ -351,21 +482,7 @@ def policy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: 
     Returns:
         ``[B, H, T, d]`` in ``v``'s dtype (the softmax part in fp32 at least, as :func:`softmax_with_policy`).
     """
-    B, H, T, d = q.shape
-    acc = torch.promote_types(v.dtype, torch.float32)   # fp32 for fp16 / bf16 / fp32, fp64 stays fp64
-    qs = q * scale
-    logits = (qs @ k.transpose(-2, -1)).to(acc)                                 # [B, H, T, T]
-    m, top = logits.detach().max(dim=-1, keepdim=True)                           # [B, H, T, 1]
-    # the max's gradient (it matters inside the eps terms) from the one logit it is: q_i . k_argmax
-    top_logit = (qs * k.gather(2, top.expand(B, H, T, d))).sum(dim=-1, keepdim=True).to(acc)
-    m = m + (top_logit - top_logit.detach())
-    e = (logits - m).exp_()           # in place: the subtraction keeps nothing for backward
-    p = policy.reshape(B, 1, T, 1).to(v.dtype)                                   # keys (and queries)
-    nu = (e.to(v.dtype) @ torch.cat([v * p, p.expand(B, H, T, 1)], dim=-1)).to(acc)   # [B, H, T, d + 1]
-    own = ((qs * k).sum(dim=-1, keepdim=True).to(acc) - m).exp() * (1 - p.to(acc))     # e_ii (1 - P_i)
-    vf = v.to(acc)
-    num = torch.addcmul(nu[..., :d], own, vf) + (eps / T) * vf.sum(dim=-2, keepdim=True)
-    return (num / (nu[..., d:] + own + eps)).to(v.dtype)
+    return _PolicyAttention.apply(q, k, v, policy, scale, eps)
 
 
 def attend_with_policy(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
