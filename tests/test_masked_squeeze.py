@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import vitrim
-from vitrim.cli.measure import training_loss
 from vitrim.ops.prune import cosine_similarity_matrix, squeeze_masked
 from conftest import small_vit
 
@@ -81,21 +80,14 @@ def test_dtps_training_step_equals_the_dense_forms(monkeypatch):
     """One dTPS training step (forward, cross-entropy + the method's terms, backward): the loss and every
     parameter's gradient (predictors included) equal those of the dense squeeze and the explicit
     policy softmax."""
-    from test_policy_attention import _old_attend
+    from test_policy_attention import _old_attend, assert_same_step, training_step
 
     base = small_vit(img_size=64, patch_size=8, embed_dim=48, depth=6, num_heads=3)
     model = vitrim.apply(base, "dtps", keep_rate=0.6, locations=(1, 3)).train()
     x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     y = torch.tensor([1, 2, 3, 4])
 
-    def step(m):
-        torch.manual_seed(7)  # the same Gumbel noise in both runs
-        m.zero_grad(set_to_none=True)
-        loss = training_loss(m, x, y)
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
-
-    loss_new, grads_new = step(model)
+    new = training_step(model, x, y)
     reference = copy.deepcopy(model)
     p = model.num_prefix_tokens
 
@@ -105,8 +97,4 @@ def test_dtps_training_step_equals_the_dense_forms(monkeypatch):
 
     monkeypatch.setattr(importlib.import_module("vitrim.methods.dynamicvit"), "squeeze_masked", sliced_dense)
     monkeypatch.setattr(importlib.import_module("vitrim.methods._pruning"), "attend_with_policy", _old_attend)
-    loss_ref, grads_ref = step(reference)
-    torch.testing.assert_close(loss_new, loss_ref, atol=1e-5, rtol=1e-5)
-    assert grads_new.keys() == grads_ref.keys() and any("predictors" in n for n in grads_new)
-    for n in grads_ref:
-        torch.testing.assert_close(grads_new[n], grads_ref[n], atol=1e-5, rtol=1e-5, msg=n)
+    assert_same_step(new, training_step(reference, x, y))

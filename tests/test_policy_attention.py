@@ -94,6 +94,24 @@ def _old_attend(attn, q, k, v, policy):
     return attn.attn_drop(softmax_with_policy(logits, policy)) @ v
 
 
+def training_step(m, x, y):
+    """Loss and every parameter's gradient of one training step, with fixed Gumbel noise."""
+    torch.manual_seed(7)  # the same Gumbel noise in every run
+    m.zero_grad(set_to_none=True)
+    loss = training_loss(m, x, y)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+def assert_same_step(new, ref):
+    """Two ``training_step`` results agree (1e-5), and the predictors got gradients."""
+    (loss_new, grads_new), (loss_ref, grads_ref) = new, ref
+    torch.testing.assert_close(loss_new, loss_ref, atol=1e-5, rtol=1e-5)
+    assert grads_new.keys() == grads_ref.keys() and any("predictors" in n for n in grads_new)
+    for n in grads_ref:
+        torch.testing.assert_close(grads_new[n], grads_ref[n], atol=1e-5, rtol=1e-5, msg=n)
+
+
 @pytest.mark.parametrize("method", ["dynamicvit", "dtps"])
 def test_training_step_loss_and_gradients_equal_the_explicit_form(method, monkeypatch):
     """One training step (forward, cross-entropy + the method's terms, backward) of a reduced model:
@@ -103,22 +121,11 @@ def test_training_step_loss_and_gradients_equal_the_explicit_form(method, monkey
     x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     y = torch.tensor([1, 2, 3, 4])
 
-    def step(m):
-        torch.manual_seed(7)  # the same Gumbel noise in both runs
-        m.zero_grad(set_to_none=True)
-        loss = training_loss(m, x, y)
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
-
-    loss_new, grads_new = step(model)
+    new = training_step(model, x, y)
     reference = copy.deepcopy(model)
     import importlib
     monkeypatch.setattr(importlib.import_module("vitrim.methods._pruning"), "attend_with_policy", _old_attend)
-    loss_ref, grads_ref = step(reference)
-    torch.testing.assert_close(loss_new, loss_ref, atol=1e-5, rtol=1e-5)
-    assert grads_new.keys() == grads_ref.keys() and any("predictors" in n for n in grads_new)
-    for n in grads_ref:
-        torch.testing.assert_close(grads_new[n], grads_ref[n], atol=1e-5, rtol=1e-5, msg=n)
+    assert_same_step(new, training_step(reference, x, y))
 
 
 def test_policy_attention_backward_passes_gradcheck():
