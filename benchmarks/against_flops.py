@@ -2,7 +2,7 @@
 and check each speed-up against its FLOPs ratio.
 
 A family benchmark (``lvvit.py``, ``rope.py``, ``video.py``) names its model and its settings and calls
-:func:`main`; everything else (arguments, timing, the table, the exit code) is here.
+:func:`run`; everything else (arguments, timing, the table, the exit code) is here.
 """
 from __future__ import annotations
 

@@ -472,11 +472,12 @@ def _unreduced_speed(cfg: TrainConfig, model: nn.Module, img_size: Any, num_clas
 
     if not (cfg.measure_unreduced and _is_main() and api.is_reduced(model)):
         return None
-    plain = api.remove(copy.deepcopy(model))
-    if not any(p.requires_grad for p in plain.parameters()):  # backbone_lr_scale=0: only the method's parts learn
+    method_params = {id(p) for p in model.vitrim.parameters()}
+    if not any(p.requires_grad for p in model.parameters() if id(p) not in method_params):  # backbone_lr_scale=0
         print("unreduced model: training speed not measured (the backbone is frozen, so the unreduced model has "
               "no parameter to train)", flush=True)
         return None
+    plain = api.remove(copy.deepcopy(model))
     h, w = api.resolve_img_size(plain, img_size)
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
         res = benchmark_training({"unreduced": plain}, batch_size=cfg.recipe.batch_size, input_size=(3, h, w),
