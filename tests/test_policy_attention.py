@@ -52,11 +52,15 @@ def inputs(kind, dtype, spread):
 KINDS = ["binary", "soft", "all alive"]
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["all columns", "alive-first columns"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_policy_attention_is_the_explicit_formula_in_float64(kind):
+def test_policy_attention_is_the_explicit_formula_in_float64(kind, split, monkeypatch):
     """The same mathematics, values and gradients, even for rows the eps terms dominate (large logits,
-    a sample with one alive token: the row max's gradient matters there)."""
+    a sample with one alive token: the row max's gradient matters there), with the keys in token
+    order and in the alive-first column order (forced for every policy, also without dropped keys)."""
+    monkeypatch.setattr(prune, "_SPLIT_MAX_FRACTION", 1.0 if split else 0.0)
     q, k, v, policy, upstream = inputs(kind, torch.float64, spread=2.0)
+    assert (prune._alive_first(policy) is not None) == split
     ref = grads(formula, q, k, v, policy, upstream)
     new = grads(policy_attention, q, k, v, policy, upstream)
     for name, a, b in zip(["out", "dq", "dk", "dv", "dpolicy"], new, ref):
@@ -128,8 +132,10 @@ def test_training_step_loss_and_gradients_equal_the_explicit_form(method, monkey
     assert_same_step(new, training_step(reference, x, y))
 
 
-def test_policy_attention_backward_passes_gradcheck():
+@pytest.mark.parametrize("split", [False, True], ids=["all columns", "alive-first columns"])
+def test_policy_attention_backward_passes_gradcheck(split, monkeypatch):
     """The hand-written backward against finite differences (float64, every input, a sample with one alive token)."""
+    monkeypatch.setattr(prune, "_SPLIT_MAX_FRACTION", 1.0 if split else 0.0)
     q, k, v, policy, _ = inputs("binary", torch.float64, spread=1.0)
     leaves = [t[:2, :, :6].detach().clone().requires_grad_() for t in (q, k, v)]
     p = policy[:2, :6].detach().clone().requires_grad_()
@@ -161,3 +167,27 @@ def test_policy_attention_in_bfloat16_keeps_dtypes_and_follows_float32():
     assert all(t.dtype == torch.bfloat16 for t in new)
     for name, a, b in zip(["out", "dq", "dk", "dv", "dpolicy"], new, ref):
         torch.testing.assert_close(a.float(), b, atol=0.1, rtol=0.05, msg=name)
+
+
+def test_alive_first_columns_hold_every_live_key_and_skip_the_dropped_ones():
+    """A policy dropping about half the keys of every sample takes the alive-first path by default:
+    the first A columns are each sample's live keys in token order, then its dropped ones; the
+    result is the formula's (values and every gradient)."""
+    g = torch.Generator().manual_seed(5)
+    B, H, T, d = 4, 2, 20, 8
+    policy = (torch.rand(B, T, 1, generator=g) > 0.5).double()
+    policy[:, 0] = 1
+    order, position, A = prune._alive_first(policy)
+    alive = policy[..., 0] > 0
+    assert A == int(alive.sum(1).max()) < T
+    for b in range(B):
+        live = alive[b].nonzero()[:, 0]
+        assert order[b, :len(live)].tolist() == live.tolist()
+        assert (policy[b, order[b, A:], 0] == 0).all()
+        assert (order[b, position[b]] == torch.arange(T)).all()
+    q, k, v, upstream = (torch.randn(B, H, T, d, generator=g, dtype=torch.float64) for _ in range(4))
+    ref = grads(formula, q, k, v, policy, upstream)
+    new = grads(policy_attention, q, k, v, policy, upstream)
+    for name, a, b in zip(["out", "dq", "dk", "dv", "dpolicy"], new, ref):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
+    assert prune._alive_first(torch.ones(B, T, 1)) is None  # nothing to skip: the plain column order

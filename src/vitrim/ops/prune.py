@@ -367,17 +367,52 @@ def softmax_with_policy(logits: torch.Tensor, policy: torch.Tensor, eps: float =
     return ((a + eps / T) / (a.sum(dim=-1, keepdim=True) + eps)).to(logits.dtype)
 
 
+#: the split into alive-first key columns pays when at most this fraction of the keys must be kept
+_SPLIT_MAX_FRACTION = 0.85
+
+
+def _alive_first(policy: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor, int]]:
+    """Key order that puts every sample's live keys first: ``(order [B, T], position [B, T], A)``.
+
+    ``order[b, j]`` is the key at column ``j`` (live keys first, each group in token order),
+    ``position`` its inverse, ``A`` the most live keys of any sample: columns ``>= A`` hold keys
+    with policy exactly 0 in every sample. ``None`` when that leaves too few columns to skip.
+    """
+    B, T, _ = policy.shape
+    dead = (policy[..., 0] == 0).to(torch.uint8)                             # [B, T]
+    A = T - int(dead.sum(dim=1).min())
+    if A > _SPLIT_MAX_FRACTION * T:
+        return None
+    order = torch.sort(dead, dim=1, stable=True).indices
+    position = torch.empty_like(order).scatter_(1, order, torch.arange(T, device=order.device).expand(B, T))
+    return order, position, A
+
+
+def _row_index(index: torch.Tensor, H: int, T: int) -> torch.Tensor:
+    """``[B, n]`` (one index for every head) or ``[B, H, n]`` positions along ``T`` -> flat rows of a
+    contiguous ``[B, H, T, w]`` tensor viewed as ``[B H T, w]`` (row gathers copy whole rows)."""
+    B = index.shape[0]
+    base = torch.arange(B * H, device=index.device).view(B, H, 1) * T
+    return (index.view(B, -1, index.shape[-1]) + base).reshape(-1)
+
+
+def _take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``x: [B, H, T, w]`` contiguous, ``rows`` from :func:`_row_index` -> ``[B, H, n, w]`` contiguous."""
+    B, H, _, w = x.shape
+    return x.reshape(-1, w).index_select(0, rows).view(B, H, -1, w)
+
+
 class _PolicyAttention(torch.autograd.Function):
     """:func:`policy_attention` with a hand-written backward (the formulas in its docstring).
 
-    The autograd graph of the same expression would add, over ``[B, H, T, T]``, the backward of
-    ``logits - m`` (a negation and a row sum, for the max's gradient) and the gather of the
-    arg-max keys; here the max's gradient ``-sum_j e_ij dL/de_ij`` is the ``[B, H, T, d + 1]`` dot
-    ``-(dL/dnu) . nu`` and it re-enters the logits as ``T`` entries added at the arg-max keys (and
-    the own-key term's as ``T`` entries on the diagonal), so the ``[T, T]`` work is the forward's
-    two matmuls, max, subtraction and ``exp`` (in place), and the backward's four matmuls and one
-    in-place multiply. The ``[B, H, T, d]`` terms are written into preallocated or in-place
-    buffers: on the CPU a fresh large tensor costs its page faults.
+    Keys are put in an alive-first column order when enough of them are dropped in every sample
+    (:func:`_alive_first`): the ``A`` first columns hold every live key, the others only keys with
+    policy 0, which add nothing to the output and nothing to ``dL/dA`` apart from the row max's
+    and the own key's single entries. Those columns cost the logits (for the row max) and, in
+    backward, ``e^T dL/dnu`` (the dropped keys' policy gradient) only: of the six ``[T, T]``
+    matmuls, four run on ``A`` columns. The row max's and the own-key terms are applied as
+    ``[B, H, T, d]`` gathers and scatters instead of ``[T, T]`` entries. The autograd graph of the
+    same expression would also add the backward of ``logits - m`` over ``[B, H, T, T]``.
     """
 
     @staticmethod
@@ -385,61 +420,86 @@ class _PolicyAttention(torch.autograd.Function):
                 eps: float) -> torch.Tensor:
         B, H, T, d = q.shape
         acc = torch.promote_types(v.dtype, torch.float32)  # fp32 for fp16 / bf16 / fp32, fp64 stays fp64
+        split = _alive_first(policy.detach())
         # every matmul is a bmm on [B H, ., .] views: 4-D matmul copies strided (and transposed) operands
-        k = k.contiguous()  # split_qkv's k is a strided view: copied once here, reused by backward
+        if split is None:
+            A, order, position = T, None, None
+            kc = k.contiguous()                                                  # keys, in column order
+            vc, pc = v, policy.reshape(B, 1, T, 1).to(v.dtype)
+        else:
+            order, position, A = split
+            kc = _take_rows(k.contiguous(), _row_index(order, H, T))
+            vc = _take_rows(v.contiguous(), _row_index(order[:, :A], H, T))      # the A first columns' values
+            pc = policy[..., 0].gather(1, order[:, :A]).reshape(B, 1, A, 1).to(v.dtype)
         qs = torch.mul(q, scale, out=torch.empty(q.shape, dtype=q.dtype, device=q.device))   # contiguous
-        logits = torch.bmm(qs.view(B * H, T, d), k.view(B * H, T, d).transpose(1, 2)).view(B, H, T, T)
+        logits = torch.bmm(qs.view(B * H, T, d), kc.view(B * H, T, d).transpose(1, 2)).view(B, H, T, T)
         e = logits.to(acc)
-        m, top = e.max(dim=-1, keepdim=True)                                     # [B, H, T, 1]
+        m, top = e.max(dim=-1, keepdim=True)                                     # [B, H, T, 1], a column
         e = e.sub_(m).exp_()                                                     # in place: no [T, T] copy
-        p = policy.reshape(B, 1, T, 1).to(v.dtype)                               # keys (and queries)
-        w = v.new_empty(B, H, T, d + 1)                                          # [P * v, P]
-        torch.mul(v, p, out=w[..., :d])
-        w[..., d:] = p
-        nu = torch.bmm(e.to(v.dtype).view(B * H, T, T), w.view(B * H, T, d + 1)).view(B, H, T, d + 1)
+        w = v.new_empty(B, H, A, d + 1)                                          # [P * v, P] of the A columns
+        torch.mul(vc, pc, out=w[..., :d])
+        w[..., d:] = pc
+        ea = e[..., :A].to(v.dtype).reshape(B * H, T, A) if A < T else e.to(v.dtype).view(B * H, T, T)
+        nu = torch.bmm(ea, w.view(B * H, A, d + 1)).view(B, H, T, d + 1)
         nu_acc = nu.to(acc)
-        own_e = e.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)                       # e_ii, [B, H, T, 1] (a view)
-        pa = p.to(acc)
+        if position is None:
+            own_e = e.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)                   # e_ii, [B, H, T, 1] (a view)
+        else:
+            # e_ii at the own key's column: entry (row b h i, column position[b, i]) of e as [B H T, T]
+            own = torch.arange(B * H * T, device=q.device).view(B, H, T) * T + position[:, None, :]
+            own_e = e.reshape(-1)[own.reshape(-1)].view(B, H, T, 1)
+        p = policy.reshape(B, 1, T, 1).to(acc)                                   # queries, token order
         vf = v.to(acc)
         # laid out [B, T, H, d] (as SDPA's output): the caller's heads-to-tokens reshape is then a view
         num = torch.empty(B, T, H, d, dtype=acc, device=v.device).transpose(1, 2)
-        torch.addcmul(nu_acc[..., :d], own_e * (1 - pa), vf, out=num)
+        torch.addcmul(nu_acc[..., :d], own_e * (1 - p), vf, out=num)
         num = num.add_(vf.sum(dim=-2, keepdim=True), alpha=eps / T)
-        den = nu_acc[..., d:] + own_e * (1 - pa) + eps                           # [B, H, T, 1]
+        den = nu_acc[..., d:] + own_e * (1 - p) + eps                            # [B, H, T, 1]
         out = num.div_(den)
-        ctx.save_for_backward(qs, k, v, p, w, e, nu_acc, top, own_e, den, out)
-        ctx.scale, ctx.eps, ctx.policy_dtype = scale, eps, policy.dtype
-        ctx.logit_dtype, ctx.nu_dtype = logits.dtype, nu.dtype
+        ctx.save_for_backward(qs, k, kc, v, p, w, e, nu_acc, top, own_e, den, out, order, position)
+        ctx.scale, ctx.eps, ctx.columns = scale, eps, A
+        ctx.policy_dtype, ctx.logit_dtype, ctx.nu_dtype = policy.dtype, logits.dtype, nu.dtype
         return out.to(v.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        qs, k, v, p, w, e, nu, top, own_e, den, out = ctx.saved_tensors
+        qs, k, kc, v, p, w, e, nu, top, own_e, den, out, order, position = ctx.saved_tensors
         B, H, T, d = qs.shape
+        A = ctx.columns
         acc, ld, md = out.dtype, ctx.logit_dtype, ctx.nu_dtype
         g_nu = torch.empty(B, H, T, d + 1, dtype=acc, device=grad.device)        # [dL/dnum, dL/dden]
         g_num = torch.div(grad.to(acc), den, out=g_nu[..., :d])                  # [B, H, T, d]
         g_den = (g_num * out).sum(dim=-1, keepdim=True).neg_()                   # d out / d den = -out / den
         g_nu[..., d:] = g_den
-        vf, pa = v.to(acc), p.to(acc)
-        own = own_e * (1 - pa)                                                   # e_ii (1 - P_i)
+        vf = v.to(acc)
+        own = own_e * (1 - p)                                                    # e_ii (1 - P_i)
         g_own = (g_num * vf).sum(dim=-1, keepdim=True) + g_den                   # [B, H, T, 1]
-        g_diag = g_own * own                                                     # d own / d a_ii = own
-        g_m = (g_nu * nu).sum(dim=-1, keepdim=True).neg_() - g_diag              # through e and through e_ii
+        g_diag = g_own * own                                                     # dL/dA_ii through e_ii
+        g_max = (g_nu * nu).sum(dim=-1, keepdim=True).neg_() - g_diag            # dL/dA at the row max's key
         g_nu_m = g_nu.to(md).view(B * H, T, d + 1)
-        g_w = torch.bmm(e.to(md).view(B * H, T, T).transpose(1, 2), g_nu_m).view(B, H, T, d + 1).to(acc)
-        g_a = torch.bmm(g_nu_m, w.to(md).view(B * H, T, d + 1).transpose(1, 2)).view(B, H, T, T)
-        g_a = g_a.to(acc).mul_(e)                                                # dL/dA, [B, H, T, T]
-        g_a.scatter_add_(-1, top, g_m)                                           # the max: d m_i / d a_{i, top_i} = 1
-        g_a.diagonal(dim1=-2, dim2=-1).add_(g_diag[..., 0])                      # e_ii is the logits' diagonal
+        ev = e.to(md).view(B * H, T, T)
+        g_w = torch.bmm(ev.transpose(1, 2), g_nu_m).view(B, H, T, d + 1).to(acc)  # every key's, column order
+        if position is not None:
+            g_w = _take_rows(g_w, _row_index(position, H, T))                    # token order
         g_q = g_k = g_v = g_p = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            g_l = g_a.to(ld).view(B * H, T, T)
-            if ctx.needs_input_grad[0]:  # scale * dA @ k
-                g_q = torch.bmm(g_l, k.to(ld).view(B * H, T, d)).mul_(ctx.scale).view(B, H, T, d).to(qs.dtype)
-            if ctx.needs_input_grad[1]:  # dA^T @ (scale q)
-                g_k = torch.bmm(g_l.transpose(1, 2), qs.to(ld).view(B * H, T, d)).view(B, H, T, d).to(k.dtype)
+            g_a = torch.bmm(g_nu_m, w.to(md).view(B * H, A, d + 1).transpose(1, 2)).view(B, H, T, A)
+            ea = e[..., :A] if A < T else e
+            g_l = g_a.to(acc).mul_(ea).to(ld).view(B * H, T, A)                  # dL/dA on the A columns
+            kcl = kc.to(ld)
+            if ctx.needs_input_grad[0]:  # scale * (dA @ k + the max's and the own key's entries)
+                g_q = torch.bmm(g_l, kcl[:, :, :A].reshape(B * H, A, d)).view(B, H, T, d)
+                g_q = g_q.addcmul_(g_max.to(ld), _take_rows(kcl, _row_index(top[..., 0], H, T)))
+                g_q = g_q.addcmul_(g_diag.to(ld), k.to(ld)).mul_(ctx.scale).to(qs.dtype)
+            if ctx.needs_input_grad[1]:  # dA^T @ (scale q), the same entries
+                qsl = qs.to(ld)
+                g_kc = torch.zeros(B, H, T, d, dtype=ld, device=qs.device)
+                g_kc[:, :, :A] = torch.bmm(g_l.transpose(1, 2), qsl.view(B * H, T, d)).view(B, H, A, d)
+                g_kc.view(-1, d).index_add_(0, _row_index(top[..., 0], H, T), (g_max.to(ld) * qsl).view(-1, d))
+                g_k = g_kc if position is None else _take_rows(g_kc, _row_index(position, H, T))
+                g_k = g_k.addcmul_(g_diag.to(ld), qsl).to(k.dtype)
+        pa = p
         if ctx.needs_input_grad[2]:  # P * dL/d(Pv) + own dL/dnum + eps/T sum_i dL/dnum_i
             g_v = torch.addcmul(g_num.sum(dim=-2, keepdim=True).mul_(ctx.eps / T), g_num, own)
             g_v = g_v.addcmul_(g_w[..., :d], pa).to(v.dtype)
