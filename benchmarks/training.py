@@ -6,9 +6,17 @@
 One step is forward in training mode, cross-entropy plus the method's own loss terms, backward and
 an AdamW step. All models are timed in one process with warm-up and interleaved repetitions; the
 table shows median img/s and the speed-up over the unreduced model.
+
+Learned keep decisions (DynamicViT, dTPS) are timed at their keep rates: each score predictor's last
+bias is set so that it keeps its stage's rate of the tokens still alive (0.7 of them at rho = 0.7:
+0.7, 0.49, 0.34 of the patches), as a predictor does once the ratio loss has pulled it there. A
+freshly initialised predictor keeps about half of them at every stage (0.5, 0.25, 0.13), which is
+cheaper than the training it stands for; ``--untrained-predictors`` times that instead. The table's
+``alive`` column is the mean fraction of patch tokens alive at each stage, measured on the batch.
 """
 import argparse
 import copy
+import math
 import sys
 
 import timm
@@ -17,6 +25,31 @@ import torch
 import vitrim
 from vitrim.cli.measure import training_loss
 from vitrim.measure.bench import benchmark_training
+from vitrim.ops.prune import prune_records
+
+
+def predictors_at_their_rates(method) -> bool:
+    """Bias the last layer of each of ``method``'s score predictors (if it has any) towards its stage's
+    rate of the tokens still alive: ``[log r, log(1 - r)]`` for ``[keep, drop]``, ``r`` = stage rate /
+    previous stage rate. The weights stay as initialised (std 0.02), so the bias sets the decisions."""
+    predictors, rates = getattr(method, "predictors", None), getattr(method, "stage_rates", None)
+    if predictors is None or rates is None:
+        return False
+    previous = 1.0
+    with torch.no_grad():
+        for predictor, rate in zip(predictors, rates):
+            r = min(max(rate / previous, 1e-3), 1 - 1e-3)
+            predictor.head[-1].bias.copy_(torch.tensor([math.log(r), math.log(1 - r)]))
+            previous = rate
+    return True
+
+
+def alive_fractions(model, images) -> list[float]:
+    """Mean fraction of patch tokens alive after each pruning stage of one training-mode forward."""
+    model.train()
+    with torch.no_grad():
+        _, state = model.forward_tokens(images)
+    return [float(r.keep.float().mean()) for r in prune_records(state) if r.keep is not None]
 
 
 def main(argv=None) -> int:
@@ -30,16 +63,27 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--iters", type=int, default=1)
+    p.add_argument("--untrained-predictors", action="store_true",
+                   help="time learned keep decisions as initialised (about half kept per stage), not at their rates")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
     base = timm.create_model(args.model, pretrained=False)
     models = {args.model: base}
+    alive_by_label: dict[str, str] = {}
+    probe = torch.randn(args.batch_size, 3, *base.default_cfg["input_size"][1:],
+                        generator=torch.Generator().manual_seed(0))
     for name in args.methods:
         reduced = vitrim.apply(copy.deepcopy(base), name)
         m = vitrim.get_method(reduced)
-        models[f"{name} {m.strength}={m.options()[m.strength]}"] = reduced
+        label = f"{name} {m.strength}={m.options()[m.strength]}"
+        if not args.untrained_predictors:
+            predictors_at_their_rates(m)
+        alive = alive_fractions(reduced, probe)
+        if alive:
+            alive_by_label[label] = "/".join(f"{a:.2f}" for a in alive)
+        models[label] = reduced
     models = {k: v.to(device) for k, v in models.items()}
     gm = {k: vitrim.flops(v) for k, v in models.items()}
     res = benchmark_training(models, batch_size=args.batch_size, num_classes=base.num_classes, device=device,
@@ -47,6 +91,9 @@ def main(argv=None) -> int:
                              gmacs=gm, loss_fns={k: training_loss for k in models},
                              progress=lambda s: print(s, file=sys.stderr))
     print(res.to_json() if args.json else res.table())
+    if alive_by_label and not args.json:
+        print("patch tokens alive per stage (training form, mean over the batch): "
+              + ", ".join(f"{k}: {v}" for k, v in alive_by_label.items()))
     return 0
 
 
