@@ -161,6 +161,8 @@ def test_hidden_states_return_dict_and_refusals(images):
     assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], out.logits)
     with pytest.raises(vitrim.VitrimError, match="output_attentions"):
         model(images, output_attentions=True)
+    with pytest.raises(vitrim.VitrimError, match="head_mask"):  # a tensor: refused, not compared elementwise
+        model(images, head_mask=torch.ones(model.config.num_hidden_layers, model.config.num_attention_heads))
     with pytest.raises(vitrim.AlreadyReducedError):
         vitrim.apply(model.vit, "tome", r=1)
     with pytest.raises(vitrim.VitrimError, match="contains it"):

@@ -459,7 +459,7 @@ def _trunk_forward(self, pixel_values: Optional[torch.Tensor] = None, bool_maske
     if pixel_values is None:
         raise ValueError("You have to specify pixel_values")
     for key, value in kwargs.items():
-        if key in _REFUSED and value not in (None, False):
+        if key in _REFUSED and not (value is None or value is False):  # `in` would compare a tensor elementwise
             raise VitrimError(f"{key} is not supported on a vitrim-reduced model: {_REFUSED[key]}; "
                               f"vitrim.remove(model) restores the original behaviour")
         if key not in _REFUSED and value is not None:
