@@ -50,9 +50,15 @@ def test_defaults_keep_counts_and_rows():
     model = vitrim.apply(small_pvt(), "idle", keep_rate=0.5)
     method = vitrim.get_method(model)
     assert method.layers == (2, 3, 4, 5, 6, 7)  # every block after the first stage
-    rows = []
-    hooks = [b.mlp.fc1.register_forward_hook(lambda m, i, o: rows.append(o.shape[1]))
-             for s in model.stages for b in s.blocks]
+    blocks = [b for s in model.stages for b in s.blocks]
+    rows = [0] * len(blocks)  # fc1 rows per sample (the idle MLP may run its rows in chunks)
+
+    def count(i):
+        def hook(m, inp, out):
+            rows[i] += out.shape[:-1].numel() // X.shape[0]
+        return hook
+
+    hooks = [b.mlp.fc1.register_forward_hook(count(i)) for i, b in enumerate(blocks)]
     with torch.no_grad():
         out, state = vitrim.forward_with_state(model, X)
     for h in hooks:
