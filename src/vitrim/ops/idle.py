@@ -440,7 +440,8 @@ def pvt_mlp(mlp: nn.Module, rows: torch.Tensor, index: torch.Tensor, feat_size: 
         n = min(R, B * S - r0)
         h = mlp.relu(mlp.fc1(flat[r0:r0 + n]))                         # [n, hidden]
         h_pad = torch.cat([h, h.new_zeros(R - n + 1, hidden)])        # row R: the zero row
-        conv = torch.addcmul(mlp.dwconv.bias, h, w[4])                # the centre tap is the row itself
+        bias = mlp.dwconv.bias                                          # the centre tap is the row itself
+        conv = h * w[4] if bias is None else torch.addcmul(bias, h, w[4])
         for t in (0, 1, 2, 3, 5, 6, 7, 8):
             conv = conv.addcmul_(h_pad.index_select(0, near[t, r0:r0 + n]), w[t])
         out.append(mlp.drop(mlp.fc2(mlp.drop(mlp.act(conv)))))
