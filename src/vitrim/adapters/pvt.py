@@ -17,7 +17,8 @@ convolution from the modules' shapes, for the rows each block computes (the meth
 reduction (conv, or pool + 1x1 conv) and ``kv`` on the full map; ``QK^T`` and ``AV`` computed-rows x
 reduced keys; ``fc1``, ``fc2`` and the 3x3 depthwise conv (9 MACs per hidden channel) on the
 computed rows (an idle block computes the conv at its computed rows only, ``ops.idle.pvt_mlp``); the
-method's own extra MACs (an idle block's selection score). Norms, activations, pooling and bookkeeping are not counted (``docs/flops.md``).
+method's own extra MACs (an idle block's selection score). Norms, activations, pooling and
+bookkeeping are not counted (``docs/flops.md``).
 """
 from __future__ import annotations
 
