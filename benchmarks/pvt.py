@@ -193,7 +193,8 @@ def main() -> int:
         mb = sum(plan_b[i].macs for i in idx)
         mr = sum(plan_r[i].macs for i in idx)
         if ik is None:
-            print(f"{label:<10} {1000 * med[tk]:>9.1f} {'(full)':>9}" + (f" {'':>32} {faults[tk]:>12}" if faults else ""))
+            tail = f" {'':>32} {faults[tk]:>12}" if faults else ""
+            print(f"{label:<10} {1000 * med[tk]:>9.1f} {'(full)':>9}{tail}")
             continue
         sp, fr = med[tk] / med[ik], mb / mr
         print(f"{label:<10} {1000 * med[tk]:>9.1f} {1000 * med[ik]:>9.1f} {sp:>8.2f}x {fr:>11.2f}x "
