@@ -13,11 +13,37 @@ MACs of ``vitrim.flops_report``, unreduced / reduced). Whole model: ``vitrim.mea
 in the same run, with the speed-up the block figures predict, ``T / (T_other + T_idle / ratio)``
 (``T_idle``: timm's time in the idle stages' blocks; ``ratio``: their FLOPs ratio).
 Weights are random (timm architecture only): speed does not depend on them.
+
+The allocator decides much of the comparison on this CPU (glibc malloc). A tensor larger than
+glibc's largest mmap threshold (32 MiB) is a fresh ``mmap`` each time, and every 4 KiB page of it
+faults when first written: at batch 32 that is every ``[B, N, hidden]`` map of stages 1-2 (stage 2:
+784 tokens x 1024 channels = 103 MB), which timm's blocks allocate several of (fc1, conv and GELU
+outputs). ``--faults`` adds each entry's minor page faults (one call, ``getrusage``); to time without
+them, let glibc keep and reuse freed memory:
+
+    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 python benchmarks/pvt.py --threads 1 --faults
+
+Measured (``--threads 1 --no-whole --repeats 7 --faults``, 2-core shared AMD EPYC, torch 2.14; ms,
+speed-up against the FLOPs ratio; faults per call, timm / idle):
+
+    stage (blocks)     glibc default                              no mmap, no trim
+    1 (full)           timm 1245 (348k faults)                    timm 717 (0)
+    2 (blocks 2, 3)    755 / 312 = 2.42x vs 1.89x (157k / 14k)    516 / 325 = 1.59x vs 1.89x (0 / 0)
+    3 (blocks 4, 5)    437 / 222 = 1.97x vs 1.77x (47k / 0)       366 / 239 = 1.53x vs 1.77x (0 / 0)
+    4 (blocks 6, 7)    225 / 139 = 1.62x vs 1.73x (0 / 0)         238 / 148 = 1.61x vs 1.73x (0 / 0)
+    stages 2-4         2.11x vs 1.81x                             1.57x vs 1.81x
+
+The idle MLP (``vitrim.ops.idle.pvt_mlp``) allocates no ``[B, N, hidden]`` map and works in chunks of
+whole samples (about 2 MiB of hidden features): 0 faults per idle block call above (14k over the
+stage-2 chain), while timm's blocks fault by an amount that depends on the process's allocation
+history (glibc raises its mmap threshold after freeing a large block, up to 32 MiB). Compare both
+settings before reading a speed-up.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import resource
 import statistics
 
 import timm
@@ -82,6 +108,16 @@ def median(v):
     return statistics.median(v)
 
 
+def minor_faults(calls) -> dict:
+    """Minor page faults of one more call of each entry (``getrusage``: memory touched for the first time)."""
+    out = {}
+    for name, call in calls.items():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        call()
+        out[name] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    return out
+
+
 def profile_stage(reduced, stage_index: int, first: int, feat, x, rows: int) -> None:
     from torch.profiler import ProfilerActivity, profile
     _, _, timm_stage, idle_stage = runners(reduced, stage_index, first, feat)
@@ -106,6 +142,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--no-blocks", action="store_true", help="per-stage figures only (no per-block rows)")
     p.add_argument("--no-whole", action="store_true", help="blocks and stages only")
+    p.add_argument("--faults", action="store_true", help="also the minor page faults of one call of each entry")
     p.add_argument("--profile", type=int, metavar="STAGE", help="torch.profiler on this stage's blocks (0-based), then exit")
     p.add_argument("--profile-rows", type=int, default=25)
     args = p.parse_args()
@@ -143,22 +180,25 @@ def main() -> int:
         rows.append((f"stage {s + 1}", f"s{s} timm", f"s{s} idle", idx))
     with torch.inference_mode():
         samples = _time_interleaved(calls, torch.device("cpu"), args.warmup, args.repeats, args.iters, None)
+        faults = minor_faults(calls) if args.faults else {}
     med = {k: median(v) / args.iters for k, v in samples.items()}
 
     print(f"{args.model}, idle keep {args.keep_rate}, batch {args.batch_size}, fp32, cpu, "
           f"{torch.get_num_threads()} threads, {args.repeats} reps x {args.iters} after {args.warmup} warm-up, medians")
-    print(f"{'':<10} {'timm ms':>9} {'idle ms':>9} {'speed-up':>9} {'FLOPs ratio':>12} {'at ratio':>9}")
+    print(f"{'':<10} {'timm ms':>9} {'idle ms':>9} {'speed-up':>9} {'FLOPs ratio':>12} {'at ratio':>9}"
+          + (f" {'timm faults':>12} {'idle faults':>12}" if faults else ""))
     t_idle_timm = t_idle_red = 0.0
     idle_macs_b = idle_macs_r = 0
     for label, tk, ik, idx in rows:
         mb = sum(plan_b[i].macs for i in idx)
         mr = sum(plan_r[i].macs for i in idx)
         if ik is None:
-            print(f"{label:<10} {1000 * med[tk]:>9.1f} {'(full)':>9}")
+            tail = f" {'':>32} {faults[tk]:>12}" if faults else ""
+            print(f"{label:<10} {1000 * med[tk]:>9.1f} {'(full)':>9}{tail}")
             continue
         sp, fr = med[tk] / med[ik], mb / mr
         print(f"{label:<10} {1000 * med[tk]:>9.1f} {1000 * med[ik]:>9.1f} {sp:>8.2f}x {fr:>11.2f}x "
-              f"{'yes' if sp >= fr else 'NO':>9}")
+              f"{'yes' if sp >= fr else 'NO':>9}" + (f" {faults[tk]:>12} {faults[ik]:>12}" if faults else ""))
         if label.startswith("stage"):
             t_idle_timm += med[tk]
             t_idle_red += med[ik]

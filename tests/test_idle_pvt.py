@@ -50,9 +50,15 @@ def test_defaults_keep_counts_and_rows():
     model = vitrim.apply(small_pvt(), "idle", keep_rate=0.5)
     method = vitrim.get_method(model)
     assert method.layers == (2, 3, 4, 5, 6, 7)  # every block after the first stage
-    rows = []
-    hooks = [b.mlp.fc1.register_forward_hook(lambda m, i, o: rows.append(o.shape[1]))
-             for s in model.stages for b in s.blocks]
+    blocks = [b for s in model.stages for b in s.blocks]
+    rows = [0] * len(blocks)  # fc1 rows per sample (the idle MLP may run its rows in chunks)
+
+    def count(i):
+        def hook(m, inp, out):
+            rows[i] += out.shape[:-1].numel() // X.shape[0]
+        return hook
+
+    hooks = [b.mlp.fc1.register_forward_hook(count(i)) for i, b in enumerate(blocks)]
     with torch.no_grad():
         out, state = vitrim.forward_with_state(model, X)
     for h in hooks:
@@ -168,8 +174,14 @@ def test_flops_reduced_and_traced():
     assert report.method == "idle" and len(report.layers) == 8
     assert [l.tokens_in for l in report.layers] == [3136, 3136, 392, 392, 98, 98, 24, 24]
     assert [l.tokens_kv for l in report.layers] == [49, 49, 49, 49, 49, 49, 49, 49]
-    assert report.gmacs == pytest.approx(0.4166, abs=0.0005) and report.gmacs < base
-    assert vitrim.traced_flops(model) == pytest.approx(report.gmacs, abs=0.001)  # every matmul and conv counted
+    assert report.gmacs == pytest.approx(0.4113, abs=0.0005) and report.gmacs < base
+    # FlopCounterMode counts matmuls and convs, not the idle blocks' elementwise MACs: the depthwise
+    # conv's 9 taps at the computed rows (9 MACs per hidden channel) and the score's N C logits
+    blocks = [b for s in model.stages for b in s.blocks]
+    tokens = [3136, 3136, 784, 784, 196, 196, 49, 49]
+    elementwise = sum(9 * b.mlp.fc1.out_features * l.tokens_in + n * b.attn.dim
+                      for b, l, n in zip(blocks, report.layers, tokens) if l.tokens_in < n)
+    assert vitrim.traced_flops(model) == pytest.approx(report.gmacs - elementwise / 1e9, abs=1e-9)
     vitrim.update(model, keep_rate=1.0)
     assert vitrim.flops(model) == pytest.approx(base, abs=1e-9)
 
@@ -178,7 +190,7 @@ def test_cli_flops_pyramid(capsys):
     from vitrim.cli import main
     assert main(["flops", "--model", "pvt_v2_b1", "--method", "idle", "--keep-rate", "0.5"]) == 0
     out = capsys.readouterr().out
-    assert "total 1.529 GMACs" in out and "unreduced 2.108 GMACs" in out
+    assert "total 1.518 GMACs" in out and "unreduced 2.108 GMACs" in out
 
 
 def test_methods_that_drop_tokens_are_refused():
@@ -228,3 +240,49 @@ def test_bf16_autocast(train):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(X)
     assert torch.isfinite(out.float()).all()
+
+
+def _mlp_on_zero_map(mlp, rows, index, feat_size):
+    """The idle MLP as the model's own modules: fc1 rows on a zero map, the full-map depthwise conv,
+    read back at the rows."""
+    B, S, _ = rows.shape
+    h = mlp.relu(mlp.fc1(rows))
+    n = feat_size[0] * feat_size[1]
+    full = h.new_zeros(B, n, h.shape[-1]).scatter(1, index.unsqueeze(-1).expand_as(h), h)
+    conv = mlp.dwconv(full.transpose(1, 2).reshape(B, -1, *feat_size)).flatten(2).transpose(1, 2)
+    return mlp.fc2(mlp.act(conv.gather(1, index.unsqueeze(-1).expand(B, S, conv.shape[-1]))))
+
+
+@pytest.mark.parametrize("group", [1, 2, 5])  # chunks of 1 sample, of 2 (and a last one of 1), all 5 in one
+@pytest.mark.parametrize("make,stage", [(small_pvt, 1), (linear_pvt, 1), (small_pvt, 3)])
+def test_pvt_mlp_taps_equal_zero_map_conv(monkeypatch, make, stage, group):
+    """The 9-tap conv at the computed rows equals the depthwise conv of the zero map, values and
+    gradients, over chunks of whole samples (a partial last chunk included)."""
+    from vitrim.ops import idle
+    mlp = make().stages[stage].blocks[0].mlp
+    side = 16 // 2 ** stage
+    n, keep = side * side, max(1, side * side // 2)
+    monkeypatch.setattr(idle, "_MLP_MIN_ROWS", group * keep)
+    monkeypatch.setattr(idle, "_MLP_CHUNK_ELEMS", 1)
+    calls = []
+    monkeypatch.setattr(mlp.fc1, "forward", lambda x, f=mlp.fc1.forward: calls.append(x.shape[0]) or f(x))
+    g = torch.Generator().manual_seed(4)
+    index = torch.stack([torch.randperm(n, generator=g)[:keep] for _ in range(5)])
+    rows = torch.randn(5, keep, mlp.fc1.in_features, generator=g, requires_grad=True)
+    out = idle.pvt_mlp(mlp, rows, index, (side, side))
+    assert calls == [group * keep] * (5 // group) + [keep] * (5 % group)
+    ref = _mlp_on_zero_map(mlp, rows, index, (side, side))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    grad = torch.randn(out.shape, generator=g)
+    got = torch.autograd.grad(out, [rows, mlp.dwconv.weight], grad)
+    want = torch.autograd.grad(ref, [rows, mlp.dwconv.weight], grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_other_depthwise_convs_are_refused():
+    model = small_pvt()
+    hidden = model.stages[2].blocks[1].mlp.fc1.out_features
+    model.stages[2].blocks[1].mlp.dwconv = torch.nn.Conv2d(hidden, hidden, 5, 1, 2, groups=hidden)
+    with pytest.raises(UnsupportedModelError, match=r"stages\[2\].blocks\[1\] mlp.dwconv .*depthwise 3x3"):
+        vitrim.apply(model, "idle")

@@ -15,9 +15,10 @@ FLOPs (:meth:`PvtV2Adapter.cost_plan`, used by ``vitrim.flops``): MACs of every 
 convolution from the modules' shapes, for the rows each block computes (the method's
 ``plan_block`` with the stage's ``H * W`` tokens): ``q`` and ``proj`` on the computed rows; spatial
 reduction (conv, or pool + 1x1 conv) and ``kv`` on the full map; ``QK^T`` and ``AV`` computed-rows x
-reduced keys; ``fc1`` / ``fc2`` on the computed rows and the 3x3 depthwise conv on the full map
-(9 MACs per hidden channel and position); the method's own extra MACs (an idle block's selection
-score). Norms, activations, pooling and bookkeeping are not counted (``docs/flops.md``).
+reduced keys; ``fc1``, ``fc2`` and the 3x3 depthwise conv (9 MACs per hidden channel) on the
+computed rows (an idle block computes the conv at its computed rows only, ``ops.idle.pvt_mlp``); the
+method's own extra MACs (an idle block's selection score). Norms, activations, pooling and
+bookkeeping are not counted (``docs/flops.md``).
 """
 from __future__ import annotations
 
@@ -58,6 +59,13 @@ def _conv_out(size: tuple[int, int], conv: nn.Conv2d) -> tuple[int, int]:
     return (size[0] + 2 * ph - kh) // sh + 1, (size[1] + 2 * pw - kw) // sw + 1
 
 
+def _is_dwconv3x3(conv: nn.Module) -> bool:
+    """Whether ``conv`` is timm's ``MlpWithDepthwiseConv.dwconv`` layout: depthwise 3x3, stride 1, zero padding 1."""
+    return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
+            and conv.groups == conv.in_channels == conv.out_channels)
+
+
 @register_adapter
 class PvtV2Adapter(Adapter):
     """Validates a timm ``PyramidVisionTransformerV2`` and installs/removes a method on it."""
@@ -92,6 +100,11 @@ class PvtV2Adapter(Adapter):
                         raise UnsupportedModelError(
                             f"{where} {what} is a {type(module).__name__}; vitrim supports timm's pvt_v2.Block "
                             f"with pvt_v2.Attention (spatial reduction or linear) and MlpWithDepthwiseConv")
+                conv = block.mlp.dwconv
+                if not _is_dwconv3x3(conv):
+                    raise UnsupportedModelError(
+                        f"{where} mlp.dwconv is {conv!r}; vitrim's idle MLP computes timm's depthwise 3x3 conv "
+                        f"(stride 1, zero padding 1, groups = channels) at the computed rows only")
 
     # ------------------------------------------------------------------ facts
     def info(self) -> ModelInfo:
@@ -174,7 +187,7 @@ class PvtV2Adapter(Adapter):
         macs += 2 * rows * m_rows * c                                   # QK^T and AV
         macs += rows * attn.proj.in_features * attn.proj.out_features
         macs += rows * (mlp.fc1.in_features * mlp.fc1.out_features + mlp.fc2.in_features * mlp.fc2.out_features)
-        macs += conv_macs(mlp.dwconv, n)                                # depthwise 3x3 on the full map
+        macs += conv_macs(mlp.dwconv, rows)                             # depthwise 3x3 at the computed rows
         return m_rows, macs
 
 

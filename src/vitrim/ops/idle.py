@@ -39,7 +39,7 @@ __all__ = [
     "IdleRecord", "keep_count", "gather_rows", "scatter_rows", "select_rows", "index_to_mask",
     "scores_through_linear_keys", "low_rank_scoring", "rank_scores", "idle_scores", "head_mean_logits",
     "idle_block_gather", "idle_block_masked", "idle_block_train",
-    "pvt_scores", "pvt_keys_values", "pvt_mlp", "pvt_idle_block_gather", "pvt_idle_block_masked",
+    "pvt_scores", "pvt_keys_values", "dwconv_neighbours", "pvt_mlp", "pvt_idle_block_gather", "pvt_idle_block_masked",
 ]
 
 
@@ -377,30 +377,75 @@ def pvt_keys_values(attn: nn.Module, z: torch.Tensor, feat_size: tuple[int, int]
     return kv[0], kv[1]
 
 
-def pvt_mlp(mlp: nn.Module, rows: torch.Tensor, index: torch.Tensor, feat_size: tuple[int, int],
-            num_tokens: int) -> torch.Tensor:
+# hidden features per chunk of the idle MLP (2 MiB in fp32), and rows per chunk at least: one
+# chunk's fc1 output, taps, GELU and fc2 input stay in cache, and the GEMMs keep enough rows
+_MLP_CHUNK_ELEMS = 2 ** 19
+_MLP_MIN_ROWS = 512
+
+
+def dwconv_neighbours(index: torch.Tensor, feat_size: tuple[int, int], group: int) -> torch.Tensor:
+    """Rows read by a 3x3 convolution (padding 1) at the selected positions, when only they are nonzero.
+
+    Rows are numbered within chunks of ``group`` samples: the row of sample ``b``, slot ``s`` is
+    ``(b % group) * S + s``, and ``group * S`` stands for a zero row (an idle position or one outside
+    the map, like the conv's zero padding).
+
+    Args:
+        index: ``[B, S]`` selected positions in the row-major ``H x W`` map; feat_size: ``(H, W)``.
+        group: samples per chunk.
+
+    Returns:
+        ``[9, B * S]`` int64: entry ``(3 * ky + kx, r)`` is the row at position ``(y + ky - 1, x + kx - 1)``
+        of row ``r``'s sample, ``(y, x)`` being row ``r``'s own position.
+    """
+    B, S = index.shape
+    H, W = feat_size
+    pos = (index // W + 1) * (W + 2) + index % W + 1                   # [B, S] on the zero-padded map
+    local = torch.arange(S, device=index.device) + (torch.arange(B, device=index.device) % group).unsqueeze(1) * S
+    table = torch.full((B, (H + 2) * (W + 2)), group * S, dtype=torch.long, device=index.device)
+    table = table.scatter(1, pos, local)
+    taps = torch.tensor([dy * (W + 2) + dx for dy in (-1, 0, 1) for dx in (-1, 0, 1)], device=index.device)
+    near = table.gather(1, (pos.unsqueeze(-1) + taps).reshape(B, S * 9))
+    return near.view(B, S, 9).permute(2, 0, 1).reshape(9, B * S)
+
+
+def pvt_mlp(mlp: nn.Module, rows: torch.Tensor, index: torch.Tensor, feat_size: tuple[int, int]) -> torch.Tensor:
     """timm ``MlpWithDepthwiseConv`` on some rows; the depthwise conv sees zeros at the other rows.
 
     Idle tokens are absent from the MLP (as they are from the ViT idle layer): ``fc1`` runs on the
-    computed rows only, their hidden features are placed on a zero map for the 3x3 depthwise conv,
-    and the conv output is read back at the computed rows only.
+    computed rows only and the 3x3 depthwise conv (timm's: stride 1, padding 1) sees zeros at the
+    other positions. Its output is needed at the computed rows only, so it is computed there as 9
+    taps over the computed rows' own hidden features, ``b + sum_t w_t * h[n_t(r)]`` with ``n_t(r)``
+    the row at the tap's neighbour position (:func:`dwconv_neighbours`; a zero row where that
+    neighbour is idle or outside the map): ``9 S`` MACs per hidden channel instead of ``9 N``, and no
+    ``[B, N, hidden]`` map. Rows go in chunks of whole samples (about 2 MiB of hidden features), so
+    that a chunk's ``fc1`` output, taps, GELU and ``fc2`` input stay in cache.
 
     Args:
         rows: ``[B, S, C]`` normed rows; index: ``[B, S]`` their positions in the ``H x W`` map.
-        feat_size: ``(H, W)``; num_tokens: ``N = H * W``.
+        feat_size: ``(H, W)``.
 
     Returns:
         ``[B, S, C_out]``.
     """
-    h = mlp.relu(mlp.fc1(rows))                                       # [B, S, hidden]
-    B, S, hidden = h.shape
-    # written in place: the zero map is this function's own buffer (an out-of-place copy of a
-    # map this size costs as much as the depthwise conv on this memory-bound path)
-    full = h.new_zeros(B * num_tokens, hidden).index_copy_(0, _flat(index, num_tokens), h.reshape(B * S, hidden))
-    full = full.view(B, num_tokens, hidden)
-    full = mlp.dwconv(full.transpose(1, 2).reshape(B, hidden, feat_size[0], feat_size[1]))
-    h = gather_rows(full.flatten(2).transpose(1, 2), index)          # [B, S, hidden]
-    return mlp.drop(mlp.fc2(mlp.drop(mlp.act(h))))
+    B, S, C = rows.shape
+    hidden = mlp.fc1.out_features
+    group = max(1, min(B, max(_MLP_MIN_ROWS, _MLP_CHUNK_ELEMS // hidden) // S))
+    R = group * S
+    near = dwconv_neighbours(index, feat_size, group)               # [9, B * S]
+    w = mlp.dwconv.weight.reshape(hidden, 9).t().contiguous()         # [9, hidden]: contiguous rows are much faster
+    flat = rows.reshape(B * S, C)
+    out = []
+    for r0 in range(0, B * S, R):
+        n = min(R, B * S - r0)
+        h = mlp.relu(mlp.fc1(flat[r0:r0 + n]))                         # [n, hidden]
+        h_pad = torch.cat([h, h.new_zeros(R - n + 1, hidden)])        # row R: the zero row
+        bias = mlp.dwconv.bias                                          # the centre tap is the row itself
+        conv = h * w[4] if bias is None else torch.addcmul(bias, h, w[4])
+        for t in (0, 1, 2, 3, 5, 6, 7, 8):
+            conv = conv.addcmul_(h_pad.index_select(0, near[t, r0:r0 + n]), w[t])
+        out.append(mlp.drop(mlp.fc2(mlp.drop(mlp.act(conv)))))
+    return torch.cat(out).view(B, S, -1)
 
 
 def _pvt_attend(attn: nn.Module, z: torch.Tensor, rows: torch.Tensor, feat_size: tuple[int, int]) -> torch.Tensor:
@@ -423,12 +468,11 @@ def pvt_idle_block_gather(block: nn.Module, x: torch.Tensor, keep: int,
         ``(out [B, N, C], index [B, K])``; idle rows of ``out`` equal ``x``'s.
     """
     attn = block.attn
-    N = x.shape[1]
     z = block.norm1(x)
     index = select_rows(pvt_scores(attn, z), keep, 0)
     xs = gather_rows(x, index)
     xs = xs + block.drop_path1(_pvt_attend(attn, z, gather_rows(z, index), feat_size))
-    xs = xs + block.drop_path2(pvt_mlp(block.mlp, block.norm2(xs), index, feat_size, N))
+    xs = xs + block.drop_path2(pvt_mlp(block.mlp, block.norm2(xs), index, feat_size))
     return scatter_rows(x, index, xs), index
 
 
