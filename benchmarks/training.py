@@ -8,7 +8,7 @@ an AdamW step. All models are timed in one process with warm-up and interleaved 
 table shows median img/s and the speed-up over the unreduced model.
 
 Learned keep decisions (DynamicViT, dTPS) are timed at their keep rates: each score predictor's last
-bias is set so that it keeps its stage's rate of the tokens still alive (0.7 of them at rho = 0.7:
+bias is set so that it keeps its stage's rate of the tokens still alive (``keep_at_rates``) (0.7 of them at rho = 0.7:
 0.7, 0.49, 0.34 of the patches), as a predictor does once the ratio loss has pulled it there. A
 freshly initialised predictor keeps about half of them at every stage (0.5, 0.25, 0.13), which is
 cheaper than the training it stands for; ``--untrained-predictors`` times that instead. The table's
@@ -16,7 +16,6 @@ cheaper than the training it stands for; ``--untrained-predictors`` times that i
 """
 import argparse
 import copy
-import math
 import sys
 
 import timm
@@ -26,22 +25,6 @@ import vitrim
 from vitrim.cli.measure import training_loss
 from vitrim.measure.bench import benchmark_training
 from vitrim.ops.prune import prune_records
-
-
-def predictors_at_their_rates(method) -> bool:
-    """Bias the last layer of each of ``method``'s score predictors (if it has any) towards its stage's
-    rate of the tokens still alive: ``[log r, log(1 - r)]`` for ``[keep, drop]``, ``r`` = stage rate /
-    previous stage rate. The weights stay as initialised (std 0.02), so the bias sets the decisions."""
-    predictors, rates = getattr(method, "predictors", None), getattr(method, "stage_rates", None)
-    if predictors is None or rates is None:
-        return False
-    previous = 1.0
-    with torch.no_grad():
-        for predictor, rate in zip(predictors, rates):
-            r = min(max(rate / previous, 1e-3), 1 - 1e-3)
-            predictor.head[-1].bias.copy_(torch.tensor([math.log(r), math.log(1 - r)]))
-            previous = rate
-    return True
 
 
 def alive_fractions(model, images) -> list[float]:
@@ -79,7 +62,7 @@ def main(argv=None) -> int:
         m = vitrim.get_method(reduced)
         label = f"{name} {m.strength}={m.options()[m.strength]}"
         if not args.untrained_predictors:
-            predictors_at_their_rates(m)
+            m.keep_at_rates()  # learned decisions: as trained ones keep (ReductionMethod.keep_at_rates)
         alive = alive_fractions(reduced, probe)
         if alive:
             alive_by_label[label] = "/".join(f"{a:.2f}" for a in alive)

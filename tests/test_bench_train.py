@@ -52,3 +52,33 @@ def test_benchmark_training_rejects_bad_input():
     frozen = torch.nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no parameter with requires_grad=True"):
         benchmark_training({"m": frozen}, input_size=(2,), batch_size=2)
+
+
+@pytest.mark.parametrize("method", ["dynamicvit", "dtps"])
+def test_keep_at_rates_makes_fresh_predictors_keep_the_rates(method):
+    """A fresh predictor keeps about half of the alive tokens at every stage; after keep_at_rates the
+    straight-through samples keep about the stage rates (0.7, 0.49, 0.343 of the patches at rho = 0.7)."""
+    from vitrim.ops.prune import prune_records
+    torch.manual_seed(0)
+    model = vitrim.apply(timm.create_model("deit_tiny_patch16_224", pretrained=False), method).train()
+    images = torch.randn(8, 3, 224, 224)
+
+    def alive():
+        with torch.no_grad():
+            _, state = model.forward_tokens(images)
+        return [float(r.keep.float().mean()) for r in prune_records(state)]
+
+    fresh = alive()
+    assert all(abs(a - 0.5 ** (s + 1)) < 0.06 for s, a in enumerate(fresh))
+    assert vitrim.get_method(model).keep_at_rates() is True
+    for a, target in zip(alive(), vitrim.get_method(model).stage_rates):
+        assert abs(a - target) < 0.06
+    other = vitrim.apply(timm.create_model("deit_tiny_patch16_224", pretrained=False), "evit")
+    assert vitrim.get_method(other).keep_at_rates() is False  # nothing learned to set
+
+
+def test_bench_train_sets_fresh_predictors_to_their_rates(capsys):
+    rc = main(["bench", "--train", "--model", "deit_tiny_patch16_224", "--img-size", "32", "--method", "dynamicvit",
+               "--batch-size", "2", "--warmup", "0", "--repeats", "1", "--iters", "1", "--json"])
+    assert rc == 0
+    assert "keep its rates" in capsys.readouterr().err

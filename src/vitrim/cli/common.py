@@ -92,10 +92,12 @@ def build_models(args: argparse.Namespace):
         reduced = api.apply(copy.deepcopy(base), args.method, **given)
         method = api.get_method(reduced)  # the options as applied: given, solved or the method's defaults
         options = {k: v for k, v in method.options().items() if k in given or k == method.strength}
+    args.method_weights_loaded = False  # the reduced model's own parts (predictors ...) came from --checkpoint
     if args.checkpoint:
         state = state_dict_of(read_checkpoint(args.checkpoint))
         if reduced is not None:
             load_checkpoint(reduced, state, path=args.checkpoint)
+            args.method_weights_loaded = any(k.startswith("vitrim.") for k in state)
         load_checkpoint(base, state, ignore_prefix="vitrim.", path=args.checkpoint)
     if not (args.pretrained or args.checkpoint or hf_has_weights(args.model)):
         print(f"note: {args.model} has random weights (no --pretrained/--checkpoint): "

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import types
 from typing import Any
 
 import torch
 
+from .. import api
 from ..api import flops, flops_report, traced_flops
 from ..checks import non_negative_int, positive_int
 from ..measure.bench import benchmark, benchmark_training
@@ -58,6 +60,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     gm = {args.model: flops(base, args.img_size)}
     if reduced is not None:
         name = label(args.method, options)
+        if args.train and not args.method_weights_loaded and api.get_method(reduced).keep_at_rates():
+            print(f"note: {args.method}'s untrained keep decisions were set to keep its rates, as trained ones do "
+                  f"(a fresh predictor keeps about half); docs/training.md, 'Learned keep decisions'",
+                  file=sys.stderr)
         models[name] = reduced.to(device)
         gm[name] = flops(reduced, args.img_size)
     if args.compile:

@@ -410,6 +410,15 @@ class ReductionMethod(nn.Module):
     def training_step(self, iteration: int, iters_per_epoch: int, recipe: Any) -> None:
         """Called before every training step (global iteration, 0-based), e.g. for a schedule."""
 
+    def keep_at_rates(self) -> bool:
+        """Make untrained learned keep decisions keep the method's rates, as trained ones do on average.
+
+        For timing a training step: a freshly initialised predictor keeps a share of the tokens that
+        its training would soon move (DynamicViT's keeps about half at every stage). Returns whether
+        anything was changed; a method without learned decisions changes nothing.
+        """
+        return False
+
     # ----------------------------------------------------------------- provenance
     @contextlib.contextmanager
     def provenance(self) -> Iterator[None]:

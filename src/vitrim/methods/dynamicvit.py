@@ -13,6 +13,8 @@ them loads into a reduced model with the predictors left as they are (see :meth:
 """
 from __future__ import annotations
 
+import math
+
 from typing import Any, ClassVar, Mapping, Optional, Sequence, Union
 
 import torch
@@ -148,6 +150,20 @@ class DynamicViT(PruningMethod):
         is unused here; an instance may override this to fix decisions (e.g. the top ``k``).
         """
         return gumbel_softmax_hard(logp)[..., :1] * prev
+
+    def keep_at_rates(self) -> bool:
+        """Bias each predictor's last layer to ``[log r, log(1 - r)]`` (keep, drop), ``r`` = its stage's rate
+        of the tokens still alive (stage rate / previous stage rate): the straight-through samples then keep
+        about ``keep_rate`` of them, as after the ratio loss has pulled the predictors there. A freshly
+        initialised predictor keeps about half at every stage. The weights are left as they are."""
+        previous = 1.0
+        with torch.no_grad():
+            for predictor, rate in zip(self.predictors, self.stage_rates):
+                r = min(max(rate / previous, 1e-3), 1 - 1e-3)
+                bias = predictor.head[-1].bias
+                bias.copy_(torch.tensor([math.log(r), math.log(1 - r)], dtype=bias.dtype))
+                previous = rate
+        return len(self.predictors) > 0
 
     # ------------------------------------------------------------------ forward
     def block_forward(self, block: nn.Module, index: int, x: torch.Tensor,
