@@ -191,3 +191,18 @@ def test_alive_first_columns_hold_every_live_key_and_skip_the_dropped_ones():
     for name, a, b in zip(["out", "dq", "dk", "dv", "dpolicy"], new, ref):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
     assert prune._alive_first(torch.ones(B, T, 1)) is None  # nothing to skip: the plain column order
+
+
+@pytest.mark.slow
+def test_masked_training_step_under_torch_compile():
+    """`torch.compile` of a DynamicViT in training mode (as `vitrim bench --train --compile` runs it):
+    the masked attention's column split breaks the graph and its out= buffers are not traced, so the
+    step runs, with a finite loss and gradients for the predictors."""
+    torch.manual_seed(0)
+    model = vitrim.apply(small_vit(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3), "dynamicvit",
+                         keep_rate=0.5, locations=(1,)).train()
+    compiled = torch.compile(model)  # called directly: training_loss would unwrap it
+    loss = torch.nn.functional.cross_entropy(compiled(torch.randn(2, 3, 32, 32)), torch.tensor([0, 1]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "predictors" in n)

@@ -433,8 +433,11 @@ class _PolicyAttention(torch.autograd.Function):
             kc = _take_rows(k.contiguous(), _row_index(order, H, T))
             vc = _take_rows(v.contiguous(), _row_index(order[:, :A], H, T))      # the A first columns' values
             pc = policy[..., 0].gather(1, order[:, :A]).reshape(B, 1, A, 1).to(v.dtype)
-        qs = torch.mul(q, scale, out=torch.empty(q.shape, dtype=q.dtype, device=q.device))   # contiguous
-        logits = torch.bmm(qs.view(B * H, T, d), kc.view(B * H, T, d).transpose(1, 2)).view(B, H, T, T)
+        if torch.compiler.is_compiling():  # traced out= results may keep q's strides
+            qs = (q * scale).contiguous()
+        else:                              # contiguous in one pass
+            qs = torch.mul(q, scale, out=torch.empty(q.shape, dtype=q.dtype, device=q.device))
+        logits = torch.bmm(qs.reshape(B * H, T, d), kc.reshape(B * H, T, d).transpose(1, 2)).view(B, H, T, T)
         e = logits.to(acc)
         m, top = e.max(dim=-1, keepdim=True)                                     # [B, H, T, 1], a column
         e = e.sub_(m).exp_()                                                     # in place: no [T, T] copy
@@ -497,7 +500,7 @@ class _PolicyAttention(torch.autograd.Function):
             if ctx.needs_input_grad[1]:  # dA^T @ (scale q), the same entries
                 qsl = qs.to(ld)
                 g_kc = torch.zeros(B, H, T, d, dtype=ld, device=qs.device)
-                g_kc[:, :, :A] = torch.bmm(g_l.transpose(1, 2), qsl.view(B * H, T, d)).view(B, H, A, d)
+                g_kc[:, :, :A] = torch.bmm(g_l.transpose(1, 2), qsl.reshape(B * H, T, d)).view(B, H, A, d)
                 g_kc.view(-1, d).index_add_(0, _row_index(top[..., 0], H, T), (g_max.to(ld) * qsl).view(-1, d))
                 g_k = g_kc if position is None else _take_rows(g_kc, _row_index(position, H, T))
                 g_k = g_k.addcmul_(g_diag.to(ld), qsl).to(k.dtype)
