@@ -196,8 +196,8 @@ def test_alive_first_columns_hold_every_live_key_and_skip_the_dropped_ones():
 @pytest.mark.slow
 def test_masked_training_step_under_torch_compile():
     """`torch.compile` of a DynamicViT in training mode (as `vitrim bench --train --compile` runs it):
-    the masked attention's column split breaks the graph and its out= buffers are not traced, so the
-    step runs, with a finite loss and gradients for the predictors."""
+    the masked attention keeps the token column order there (no data-dependent split) and traces no
+    out= buffers, so the step runs, with a finite loss and gradients for the predictors."""
     torch.manual_seed(0)
     model = vitrim.apply(small_vit(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3), "dynamicvit",
                          keep_rate=0.5, locations=(1,)).train()

@@ -379,7 +379,7 @@ def _alive_first(policy: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Ten
     with policy exactly 0 in every sample. ``None`` when that leaves too few columns to skip.
     """
     B, T, _ = policy.shape
-    if B == 0:
+    if B == 0 or torch.compiler.is_compiling():  # A is data-dependent: a compiled graph keeps token order
         return None
     dead = (policy[..., 0] == 0).to(torch.uint8)                             # [B, T]
     A = T - int(dead.sum(dim=1).min())
