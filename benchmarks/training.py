@@ -7,12 +7,13 @@ One step is forward in training mode, cross-entropy plus the method's own loss t
 an AdamW step. All models are timed in one process with warm-up and interleaved repetitions; the
 table shows median img/s and the speed-up over the unreduced model.
 
-Learned keep decisions (DynamicViT, dTPS) are timed at their keep rates: each score predictor's last
-bias is set so that it keeps its stage's rate of the tokens still alive (``keep_at_rates``) (0.7 of them at rho = 0.7:
-0.7, 0.49, 0.34 of the patches), as a predictor does once the ratio loss has pulled it there. A
-freshly initialised predictor keeps about half of them at every stage (0.5, 0.25, 0.13), which is
-cheaper than the training it stands for; ``--untrained-predictors`` times that instead. The table's
-``alive`` column is the mean fraction of patch tokens alive at each stage, measured on the batch.
+Learned keep decisions (DynamicViT, dTPS) are timed at their keep rates: the method's
+``keep_at_rates()`` sets each score predictor's last bias so that it keeps its stage's rate of the
+tokens still alive (0.7 of them at rho = 0.7: 0.7, 0.49, 0.34 of the patches), as a predictor does once
+the ratio loss has pulled it there. A freshly initialised predictor keeps about half of them at every
+stage (0.5, 0.25, 0.13), which is cheaper than the training it stands for; ``--untrained-predictors``
+times that instead. A line after the table gives the mean fraction of patch tokens alive at each
+stage, measured on one batch in training mode.
 """
 import argparse
 import copy
