@@ -376,7 +376,8 @@ def _alive_first(policy: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Ten
 
     ``order[b, j]`` is the key at column ``j`` (live keys first, each group in token order),
     ``position`` its inverse, ``A`` the most live keys of any sample: columns ``>= A`` hold keys
-    with policy exactly 0 in every sample. ``None`` when that leaves too few columns to skip.
+    with policy exactly 0 in every sample. ``None`` when that leaves too few columns to skip, for an
+    empty batch, and while ``torch.compile`` traces (a data-dependent count has no place in a graph).
     """
     B, T, _ = policy.shape
     if B == 0 or torch.compiler.is_compiling():  # A is data-dependent: a compiled graph keeps token order
