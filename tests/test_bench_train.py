@@ -82,3 +82,15 @@ def test_bench_train_sets_fresh_predictors_to_their_rates(capsys):
                "--batch-size", "2", "--warmup", "0", "--repeats", "1", "--iters", "1", "--json"])
     assert rc == 0
     assert "keep its rates" in capsys.readouterr().err
+
+
+def test_bench_train_keeps_predictors_a_checkpoint_brought(tmp_path, capsys):
+    """A reduced model's checkpoint (with its ``vitrim.*`` predictor weights) is timed as trained: no bias change."""
+    model = vitrim.apply(timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32), "dynamicvit")
+    path = tmp_path / "reduced.pth"
+    torch.save(model.state_dict(), path)
+    rc = main(["bench", "--train", "--model", "deit_tiny_patch16_224", "--img-size", "32", "--method", "dynamicvit",
+               "--checkpoint", str(path), "--batch-size", "2", "--warmup", "0", "--repeats", "1", "--iters", "1",
+               "--json"])
+    assert rc == 0
+    assert "keep its rates" not in capsys.readouterr().err
