@@ -259,3 +259,20 @@ def test_forward_dense_on_swin():
     with torch.no_grad():
         dense = vitrim.forward_dense(r, x)
         assert torch.equal(dense, r.forward_features(x))
+
+
+def test_keep_at_rates_moves_fresh_predictors_to_the_computed_fraction():
+    """A fresh predictor's training sample keeps about half of the slots; after ``keep_at_rates`` about
+    the block's ``K / M`` (0.7 here), as the keep-ratio loss would pull it; the attention score has nothing to set."""
+    r = vitrim.apply(small(), "idle", score="predictor", keep_rate=0.7).train()
+    x = img(4)
+
+    def kept():
+        with torch.no_grad():
+            _, state = r.forward_with_state(x)
+        return torch.stack([rec.mask.float().mean() for rec in state.records])
+
+    assert (kept() - 0.5).abs().max() < 0.08
+    assert vitrim.get_method(r).keep_at_rates() is True
+    assert (kept() - 0.7).abs().max() < 0.08
+    assert vitrim.get_method(vitrim.apply(small(), "idle", keep_rate=0.7)).keep_at_rates() is False

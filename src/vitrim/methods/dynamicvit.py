@@ -58,6 +58,14 @@ class ScorePredictor(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def set_keep_prior(self, rate: float) -> None:
+        """Bias the last layer to ``[log r, log(1 - r)]`` (keep, drop): with the weights as initialised
+        (std 0.02) the decisions then keep about ``r`` of the tokens. The weights are left as they are."""
+        r = min(max(float(rate), 1e-3), 1 - 1e-3)
+        bias = self.head[-1].bias
+        with torch.no_grad():
+            bias.copy_(torch.tensor([math.log(r), math.log(1 - r)], dtype=bias.dtype))
+
     def macs_per_token(self) -> int:
         """``C^2 + C^2/2 + C^2/8 + C/2`` for width ``C`` (the predictor's cost per token)."""
         return sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, nn.Linear))
@@ -157,12 +165,9 @@ class DynamicViT(PruningMethod):
         about ``keep_rate`` of them, as after the ratio loss has pulled the predictors there. A freshly
         initialised predictor keeps about half at every stage. The weights are left as they are."""
         previous = 1.0
-        with torch.no_grad():
-            for predictor, rate in zip(self.predictors, self.stage_rates):
-                r = min(max(rate / previous, 1e-3), 1 - 1e-3)
-                bias = predictor.head[-1].bias
-                bias.copy_(torch.tensor([math.log(r), math.log(1 - r)], dtype=bias.dtype))
-                previous = rate
+        for predictor, rate in zip(self.predictors, self.stage_rates):
+            predictor.set_keep_prior(rate / previous)
+            previous = rate
         return len(self.predictors) > 0
 
     # ------------------------------------------------------------------ forward

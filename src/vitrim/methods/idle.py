@@ -203,6 +203,18 @@ class IdleViT(ReductionMethod):
             k = max(1, k)
         return None if k >= num_patches else k
 
+    def keep_at_rates(self) -> bool:
+        """With ``score="predictor"``: bias each predictor towards its block's computed fraction
+        ``r^s`` (``K = floor(M r^s)`` at inference), so that its training sample keeps about that share;
+        a fresh predictor's sample keeps about half. Nothing to set with the attention score."""
+        if self.score != "predictor":
+            return False
+        for index, predictor in self.predictors.items():
+            i = int(index)
+            rate = self.keep_rate if self.stage_rates is None else self.stage_rates[self.info.stage_of(i)]
+            predictor.set_keep_prior(rate ** self._exponent[i])
+        return True
+
     def keep_counts(self, num_patches: Optional[int] = None) -> list[Optional[int]]:
         """Per-block ``K`` (``None`` = full block) for ``num_patches`` input patches (default: the
         model's own). ViT only; for pyramid models use :meth:`keep` with each stage's token count."""
