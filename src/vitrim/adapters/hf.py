@@ -443,7 +443,20 @@ def _trunk_tokens(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, Forwa
 
 _REFUSED = {"output_attentions": "attention maps are not materialised by reduced blocks",
             "head_mask": "reduced blocks take no head mask",
-            "attention_mask": "reduced blocks take no attention mask (images have no padding)"}
+            "attention_mask": "reduced blocks take no attention mask (every token is real: no padding)"}
+
+
+def check_kwargs(self, kwargs: dict) -> None:
+    """Refuse the inputs a reduced forward cannot honour, with why (any other keyword given is a TypeError)."""
+    for key, value in kwargs.items():
+        if key in _REFUSED and not (value is None or value is False):  # `in` would compare a tensor elementwise
+            raise VitrimError(f"{key} is not supported on a vitrim-reduced model: {_REFUSED[key]}; "
+                              f"vitrim.remove(model) restores the original behaviour")
+        if key not in _REFUSED and value is not None:
+            raise TypeError(f"{type(self).__name__}.forward() got an unexpected keyword argument {key!r}")
+    if getattr(self.config, "output_attentions", False) and kwargs.get("output_attentions") is None:
+        raise VitrimError(f"config.output_attentions=True is not supported on a vitrim-reduced model: "
+                          f"{_REFUSED['output_attentions']}")
 
 
 def _trunk_forward(self, pixel_values: Optional[torch.Tensor] = None, bool_masked_pos: Optional[torch.Tensor] = None,
@@ -458,15 +471,7 @@ def _trunk_forward(self, pixel_values: Optional[torch.Tensor] = None, bool_maske
 
     if pixel_values is None:
         raise ValueError("You have to specify pixel_values")
-    for key, value in kwargs.items():
-        if key in _REFUSED and not (value is None or value is False):  # `in` would compare a tensor elementwise
-            raise VitrimError(f"{key} is not supported on a vitrim-reduced model: {_REFUSED[key]}; "
-                              f"vitrim.remove(model) restores the original behaviour")
-        if key not in _REFUSED and value is not None:
-            raise TypeError(f"{type(self).__name__}.forward() got an unexpected keyword argument {key!r}")
-    if getattr(self.config, "output_attentions", False) and kwargs.get("output_attentions") is None:
-        raise VitrimError(f"config.output_attentions=True is not supported on a vitrim-reduced model: "
-                          f"{_REFUSED['output_attentions']}")
+    check_kwargs(self, kwargs)
     if output_hidden_states is None:
         output_hidden_states = bool(getattr(self.config, "output_hidden_states", False))
     x = _embed(self, pixel_values, bool_masked_pos, interpolate_pos_encoding)

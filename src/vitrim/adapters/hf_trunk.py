@@ -26,15 +26,12 @@ from ..measure.flops import CostPlan, linear_macs, price_blocks
 from ..methods.base import ReductionMethod
 from ..state import ForwardState
 from .base import Adapter, make_reduced_class, run_block
-from .hf import HFBlock, _pair, _transformers_class
+from .hf import HFBlock, _pair, _transformers_class, check_kwargs
 
 __all__ = ["HFTrunkAdapter", "weighted_mean", "classifier_forward"]
 
 _REDUCED: dict[tuple[type, str, str], type] = {}
 _ATTN_IMPLEMENTATIONS = (None, "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
-_REFUSED = {"output_attentions": "attention maps are not materialised by reduced blocks",
-            "head_mask": "reduced blocks take no head mask",
-            "attention_mask": "reduced blocks take no attention mask (every token is real: no padding)"}
 
 
 def weighted_mean(x: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
@@ -291,19 +288,6 @@ def _run(self, inputs: torch.Tensor, keep_hidden: bool = False, bool_masked_pos:
 def embed_options(adapter: type, kwargs: dict) -> dict:
     """Pop the family's :attr:`~HFTrunkAdapter.embed_inputs` from a forward's ``kwargs``."""
     return {key: kwargs.pop(key) for key in adapter.embed_inputs if key in kwargs}
-
-
-def check_kwargs(self, kwargs: dict) -> None:
-    """Refuse the inputs a reduced forward cannot honour, with why."""
-    for key, value in kwargs.items():
-        if key in _REFUSED and value is not None and value is not False:
-            raise VitrimError(f"{key} is not supported on a vitrim-reduced model: {_REFUSED[key]}; "
-                              f"vitrim.remove(model) restores the original behaviour")
-        if key not in _REFUSED and value is not None:
-            raise TypeError(f"{type(self).__name__}.forward() got an unexpected keyword argument {key!r}")
-    if getattr(self.config, "output_attentions", False) and kwargs.get("output_attentions") is None:
-        raise VitrimError(f"config.output_attentions=True is not supported on a vitrim-reduced model: "
-                          f"{_REFUSED['output_attentions']}")
 
 
 def hidden_flag(self, output_hidden_states: Optional[bool]) -> bool:
