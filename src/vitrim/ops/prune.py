@@ -445,7 +445,7 @@ class _PolicyAttention(torch.autograd.Function):
         w = v.new_empty(B, H, A, d + 1)                                          # [P * v, P] of the A columns
         torch.mul(vc, pc, out=w[..., :d])
         w[..., d:] = pc
-        ea = e[..., :A].to(v.dtype).reshape(B * H, T, A) if A < T else e.to(v.dtype).view(B * H, T, T)
+        ea = e[..., :A].to(v.dtype).reshape(B * H, T, A)                        # a view: A columns of T
         nu = torch.bmm(ea, w.view(B * H, A, d + 1)).view(B, H, T, d + 1)
         nu_acc = nu.to(acc)
         if position is None:
@@ -456,11 +456,12 @@ class _PolicyAttention(torch.autograd.Function):
             own_e = e.reshape(-1)[own.reshape(-1)].view(B, H, T, 1)
         p = policy.reshape(B, 1, T, 1).to(acc)                                   # queries, token order
         vf = v.to(acc)
+        own = own_e * (1 - p)                                                    # e_ii (1 - P_i)
         # laid out [B, T, H, d] (as SDPA's output): the caller's heads-to-tokens reshape is then a view
         num = torch.empty(B, T, H, d, dtype=acc, device=v.device).transpose(1, 2)
-        torch.addcmul(nu_acc[..., :d], own_e * (1 - p), vf, out=num)
+        torch.addcmul(nu_acc[..., :d], own, vf, out=num)
         num = num.add_(vf.sum(dim=-2, keepdim=True), alpha=eps / T)
-        den = nu_acc[..., d:] + own_e * (1 - p) + eps                            # [B, H, T, 1]
+        den = nu_acc[..., d:] + own + eps                                        # [B, H, T, 1]
         out = num.div_(den)
         ctx.save_for_backward(qs, k, kc, v, p, w, e, nu_acc, top, own_e, den, out, order, position)
         ctx.scale, ctx.eps, ctx.columns = scale, eps, A
@@ -486,29 +487,29 @@ class _PolicyAttention(torch.autograd.Function):
         g_nu_m = g_nu.to(md).view(B * H, T, d + 1)
         ev = e.to(md).view(B * H, T, T)
         g_w = torch.bmm(ev.transpose(1, 2), g_nu_m).view(B, H, T, d + 1).to(acc)  # every key's, column order
-        if position is not None:
-            g_w = _take_rows(g_w, _row_index(position, H, T))                    # token order
+        to_tokens = None if position is None else _row_index(position, H, T)     # column order -> token order
+        if to_tokens is not None:
+            g_w = _take_rows(g_w, to_tokens)
         g_q = g_k = g_v = g_p = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             g_a = torch.bmm(g_nu_m, w.to(md).view(B * H, A, d + 1).transpose(1, 2)).view(B, H, T, A)
-            ea = e[..., :A] if A < T else e
-            g_l = g_a.to(acc).mul_(ea).to(ld).view(B * H, T, A)                  # dL/dA on the A columns
+            g_l = g_a.to(acc).mul_(e[..., :A]).to(ld).view(B * H, T, A)          # dL/dA on the A columns
             kcl = kc.to(ld)
+            at_max = _row_index(top[..., 0], H, T)                               # each row's max key
             if ctx.needs_input_grad[0]:  # scale * (dA @ k + the max's and the own key's entries)
                 g_q = torch.bmm(g_l, kcl[:, :, :A].reshape(B * H, A, d)).view(B, H, T, d)
-                g_q = g_q.addcmul_(g_max.to(ld), _take_rows(kcl, _row_index(top[..., 0], H, T)))
+                g_q = g_q.addcmul_(g_max.to(ld), _take_rows(kcl, at_max))
                 g_q = g_q.addcmul_(g_diag.to(ld), k.to(ld)).mul_(ctx.scale).to(qs.dtype)
             if ctx.needs_input_grad[1]:  # dA^T @ (scale q), the same entries
                 qsl = qs.to(ld)
                 g_kc = torch.zeros(B, H, T, d, dtype=ld, device=qs.device)
                 g_kc[:, :, :A] = torch.bmm(g_l.transpose(1, 2), qsl.reshape(B * H, T, d)).view(B, H, A, d)
-                g_kc.view(-1, d).index_add_(0, _row_index(top[..., 0], H, T), (g_max.to(ld) * qsl).view(-1, d))
-                g_k = g_kc if position is None else _take_rows(g_kc, _row_index(position, H, T))
+                g_kc.view(-1, d).index_add_(0, at_max, (g_max.to(ld) * qsl).view(-1, d))
+                g_k = g_kc if to_tokens is None else _take_rows(g_kc, to_tokens)
                 g_k = g_k.addcmul_(g_diag.to(ld), qsl).to(k.dtype)
-        pa = p
         if ctx.needs_input_grad[2]:  # P * dL/d(Pv) + own dL/dnum + eps/T sum_i dL/dnum_i
             g_v = torch.addcmul(g_num.sum(dim=-2, keepdim=True).mul_(ctx.eps / T), g_num, own)
-            g_v = g_v.addcmul_(g_w[..., :d], pa).to(v.dtype)
+            g_v = g_v.addcmul_(g_w[..., :d], p).to(v.dtype)
         if ctx.needs_input_grad[3]:  # keys: v . dL/d(Pv) + dL/dP; queries: -own_e dL/down; summed over heads
             g_pk = (g_w[..., :d] * vf).sum(dim=-1, keepdim=True) + g_w[..., d:] - g_own * own_e
             g_p = g_pk.sum(dim=1).to(ctx.policy_dtype)                           # [B, T, 1]
