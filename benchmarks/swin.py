@@ -132,7 +132,7 @@ def main() -> int:
     print(f"{args.model}, keep {args.keep_rate}, batch {args.batch_size}, fp32, {torch.get_num_threads()} threads")
     print(f"{'stage':<6} {'timm s':>8} {'idle s':>8} {'speed-up':>9} {'FLOPs ratio':>12}")
     t_idle_timm = t_idle_red = 0.0
-    ratios = []
+    ratios, idle_stages = [], []
     with torch.inference_mode():
         h = base.patch_embed(x)
     start = 0
@@ -149,6 +149,7 @@ def main() -> int:
             t_idle_timm += med["timm"]
             t_idle_red += med["idle"]
             ratios.append(ratio)
+            idle_stages.append(s)
         with torch.inference_mode():
             h = stage.blocks(h)
         start += n
@@ -158,18 +159,14 @@ def main() -> int:
           f"{'PASS' if block_ratio >= flops_blocks else 'FAIL'}")
     if args.no_whole:
         return 0
+    gmacs = {"timm": vitrim.flops(base), "idle": vitrim.flops(red)}
     result = benchmark({"timm": base, "idle": red}, batch_size=args.batch_size, device="cpu", precision="fp32",
-                       warmup=1, repeats=args.repeats, iters=1, gmacs={"timm": vitrim.flops(base),
-                                                                       "idle": vitrim.flops(red)})
+                       warmup=1, repeats=args.repeats, iters=1, gmacs=gmacs)
     print(result.table())
-    fr = vitrim.flops(base) / vitrim.flops(red)
+    fr = gmacs["timm"] / gmacs["idle"]
     # (b) from one run: T, T_idle and T_other all come from the same whole forwards (stage times taken
     # inside them), so machine load cannot differ between the terms of the prediction
     br = same_run_breakdown(base, red, x, args.repeats)
-    idle_stages = sorted({s for s, stage in enumerate(base.layers)
-                          for i in range(sum(len(l.blocks) for l in base.layers[:s]),
-                                         sum(len(l.blocks) for l in base.layers[:s + 1]))
-                          if i in red.vitrim.layers})
     T = br["timm"]["total"]
     T_idle = sum(br["timm"]["stages"][s] for s in idle_stages)
     whole = T / br["idle"]["total"]
