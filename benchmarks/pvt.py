@@ -23,21 +23,21 @@ them, let glibc keep and reuse freed memory:
 
     MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 python benchmarks/pvt.py --threads 1 --faults
 
-Measured (``--threads 1 --no-whole --repeats 7 --faults``, 2-core shared AMD EPYC, torch 2.14; ms,
+Measured (``--threads 2 --no-whole --repeats 7 --faults``, 2-core shared AMD EPYC, torch 2.14; ms,
 speed-up against the FLOPs ratio; faults per call, timm / idle):
 
     stage (blocks)     glibc default                              no mmap, no trim
-    1 (full)           timm 1245 (348k faults)                    timm 717 (0)
-    2 (blocks 2, 3)    755 / 312 = 2.42x vs 1.89x (157k / 14k)    516 / 325 = 1.59x vs 1.89x (0 / 0)
-    3 (blocks 4, 5)    437 / 222 = 1.97x vs 1.77x (47k / 0)       366 / 239 = 1.53x vs 1.77x (0 / 0)
-    4 (blocks 6, 7)    225 / 139 = 1.62x vs 1.73x (0 / 0)         238 / 148 = 1.61x vs 1.73x (0 / 0)
-    stages 2-4         2.11x vs 1.81x                             1.57x vs 1.81x
+    1 (full)           timm 882 (351k faults)                     timm 258 (0)
+    2 (blocks 2, 3)    330 / 124 = 2.67x vs 1.85x (154k / 8k)     194 / 116 = 1.67x vs 1.85x (0 / 0)
+    3 (blocks 4, 5)    191 / 93 = 2.06x vs 1.76x (48k / 3k)       147 / 89 = 1.65x vs 1.76x (0 / 0)
+    4 (blocks 6, 7)    95 / 59 = 1.62x vs 1.73x (0 / 0)           94 / 58 = 1.61x vs 1.73x (0 / 0)
+    stages 2-4         2.24x vs 1.78x                             1.65x vs 1.78x
 
-The idle MLP (``vitrim.ops.idle.pvt_mlp``) allocates no ``[B, N, hidden]`` map and works in chunks of
-whole samples (about 2 MiB of hidden features): 0 faults per idle block call above (14k over the
-stage-2 chain), while timm's blocks fault by an amount that depends on the process's allocation
-history (glibc raises its mmap threshold after freeing a large block, up to 32 MiB). Compare both
-settings before reading a speed-up.
+The idle MLP (``vitrim.ops.idle.pvt_mlp``) allocates no ``[B, N, hidden]`` map: it works in chunks of
+whole samples (about 4 MiB of hidden features) and runs the depthwise conv on small zero maps of a few
+samples (``conv_at_rows``), while timm's blocks fault by an amount that depends on the process's
+allocation history (glibc raises its mmap threshold after freeing a large block, up to 32 MiB).
+Compare both settings before reading a speed-up.
 """
 from __future__ import annotations
 

@@ -174,13 +174,12 @@ def test_flops_reduced_and_traced():
     assert report.method == "idle" and len(report.layers) == 8
     assert [l.tokens_in for l in report.layers] == [3136, 3136, 392, 392, 98, 98, 24, 24]
     assert [l.tokens_kv for l in report.layers] == [49, 49, 49, 49, 49, 49, 49, 49]
-    assert report.gmacs == pytest.approx(0.4113, abs=0.0005) and report.gmacs < base
-    # FlopCounterMode counts matmuls and convs, not the idle blocks' elementwise MACs: the depthwise
-    # conv's 9 taps at the computed rows (9 MACs per hidden channel) and the score's N C logits
+    assert report.gmacs == pytest.approx(0.4166, abs=0.0005) and report.gmacs < base
+    # FlopCounterMode counts matmuls and convs, not the idle blocks' elementwise MACs: the score's
+    # N C logits (the depthwise conv runs on the whole zero map, a conv it sees)
     blocks = [b for s in model.stages for b in s.blocks]
     tokens = [3136, 3136, 784, 784, 196, 196, 49, 49]
-    elementwise = sum(9 * b.mlp.fc1.out_features * l.tokens_in + n * b.attn.dim
-                      for b, l, n in zip(blocks, report.layers, tokens) if l.tokens_in < n)
+    elementwise = sum(n * b.attn.dim for b, l, n in zip(blocks, report.layers, tokens) if l.tokens_in < n)
     assert vitrim.traced_flops(model) == pytest.approx(report.gmacs - elementwise / 1e9, abs=1e-9)
     vitrim.update(model, keep_rate=1.0)
     assert vitrim.flops(model) == pytest.approx(base, abs=1e-9)
@@ -190,7 +189,7 @@ def test_cli_flops_pyramid(capsys):
     from vitrim.cli import main
     assert main(["flops", "--model", "pvt_v2_b1", "--method", "idle", "--keep-rate", "0.5"]) == 0
     out = capsys.readouterr().out
-    assert "total 1.518 GMACs" in out and "unreduced 2.108 GMACs" in out
+    assert "total 1.529 GMACs" in out and "unreduced 2.108 GMACs" in out
 
 
 def test_methods_that_drop_tokens_are_refused():
@@ -254,18 +253,21 @@ def _mlp_on_zero_map(mlp, rows, index, feat_size):
 
 
 @pytest.mark.parametrize("group", [1, 2, 5])  # chunks of 1 sample, of 2 (and a last one of 1), all 5 in one
+@pytest.mark.parametrize("map_group", [1, 2, 8])  # zero maps of 1 sample, of 2, of the whole chunk
 @pytest.mark.parametrize("make,stage", [(small_pvt, 1), (linear_pvt, 1), (small_pvt, 3)])
-def test_pvt_mlp_taps_equal_zero_map_conv(monkeypatch, make, stage, group):
-    """The 9-tap conv at the computed rows equals the depthwise conv of the zero map, values and
-    gradients, over chunks of whole samples (a partial last chunk included)."""
+def test_pvt_mlp_equals_zero_map_conv(monkeypatch, make, stage, group, map_group):
+    """The idle MLP (fc1 and fc2 at the computed rows, the conv on small zero maps) equals the
+    depthwise conv of one whole zero map, values and gradients, over chunks of whole samples (a
+    partial last chunk included)."""
     from vitrim.ops import idle
     mlp = make().stages[stage].blocks[0].mlp
     side = 16 // 2 ** stage
     n, keep = side * side, max(1, side * side // 2)
     monkeypatch.setattr(idle, "_MLP_MIN_ROWS", group * keep)
     monkeypatch.setattr(idle, "_MLP_CHUNK_ELEMS", 1)
+    monkeypatch.setattr(idle, "_MAP_ELEMS", map_group * n * mlp.fc1.out_features)
     calls = []
-    monkeypatch.setattr(mlp.fc1, "forward", lambda x, f=mlp.fc1.forward: calls.append(x.shape[0]) or f(x))
+    monkeypatch.setattr(mlp.fc1, "forward", lambda x, f=mlp.fc1.forward: calls.append(x.shape[:-1].numel()) or f(x))
     g = torch.Generator().manual_seed(4)
     index = torch.stack([torch.randperm(n, generator=g)[:keep] for _ in range(5)])
     rows = torch.randn(5, keep, mlp.fc1.in_features, generator=g, requires_grad=True)

@@ -103,8 +103,9 @@ class PvtV2Adapter(Adapter):
                 conv = block.mlp.dwconv
                 if not _is_dwconv3x3(conv):
                     raise UnsupportedModelError(
-                        f"{where} mlp.dwconv is {conv!r}; vitrim's idle MLP computes timm's depthwise 3x3 conv "
-                        f"(stride 1, zero padding 1, groups = channels) at the computed rows only")
+                        f"{where} mlp.dwconv is {conv!r}; vitrim's idle MLP supports timm's depthwise 3x3 conv "
+                        f"(stride 1, zero padding 1, groups = channels), which it runs on the map of the "
+                        f"computed rows with zeros at the idle positions")
 
     # ------------------------------------------------------------------ facts
     def info(self) -> ModelInfo:
@@ -187,7 +188,7 @@ class PvtV2Adapter(Adapter):
         macs += 2 * rows * m_rows * c                                   # QK^T and AV
         macs += rows * attn.proj.in_features * attn.proj.out_features
         macs += rows * (mlp.fc1.in_features * mlp.fc1.out_features + mlp.fc2.in_features * mlp.fc2.out_features)
-        macs += conv_macs(mlp.dwconv, rows)                             # depthwise 3x3 at the computed rows
+        macs += conv_macs(mlp.dwconv, n)     # depthwise 3x3 on the whole map (idle positions hold zeros)
         return m_rows, macs
 
 
