@@ -68,8 +68,12 @@ def test_counts_per_window(ws, rates, expect):
 
 
 # 3. gather == masked ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("chunk_rows", [None, 7])  # the gathered rows' MLP in one call, in chunks of 7 rows
 @pytest.mark.parametrize("size", [224, 256])
-def test_gather_equals_masked(size):
+def test_gather_equals_masked(size, chunk_rows, monkeypatch):
+    if chunk_rows is not None:
+        monkeypatch.setattr(sw, "_MLP_MIN_ROWS", chunk_rows)
+        monkeypatch.setattr(sw, "_MLP_CHUNK_ELEMS", 1)
     m = small(dynamic_img_size=True)
     stage = m.layers[2]
     with torch.no_grad():

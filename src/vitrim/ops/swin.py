@@ -193,6 +193,21 @@ def _mlp_residual(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x + block.drop_path2(block.mlp(block.norm2(x)))
 
 
+# hidden features per chunk of the gathered rows' MLP (4 MiB in fp32), and rows per chunk at least:
+# a chunk's hidden features stay in cache and need no fresh (page-faulting) allocation; measured on
+# swin_tiny at keep 0.5, batch 32: stage 2's idle blocks 151 -> 146 ms, the other stages unchanged
+_MLP_CHUNK_ELEMS = 2 ** 20
+_MLP_MIN_ROWS = 1024
+
+
+def _mlp_residual_rows(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x + MLP(norm2(x))`` on rows ``x: [R, C]``, in chunks of rows (the MLP is row-wise)."""
+    rows = max(_MLP_MIN_ROWS, _MLP_CHUNK_ELEMS // block.mlp.fc1.out_features)
+    if x.shape[0] <= rows:
+        return _mlp_residual(block, x)
+    return torch.cat([_mlp_residual(block, x[r:r + rows]) for r in range(0, x.shape[0], rows)])
+
+
 def swin_idle_block_gather(block: nn.Module, x: torch.Tensor, keep: int, scores: Optional[torch.Tensor] = None
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """One idle Swin block, inference form: each window computes its top-``K`` slots only.
@@ -226,7 +241,7 @@ def swin_idle_block_gather(block: nn.Module, x: torch.Tensor, keep: int, scores:
     if padded:
         flat = torch.cat([flat, flat.new_zeros(1, C)])
     xs = flat.index_select(0, dest).view(B, nW * keep, C) + block.drop_path1(a.view(B, nW * keep, C))
-    xs = _mlp_residual(block, xs).reshape(-1, C)
+    xs = _mlp_residual_rows(block, xs.reshape(-1, C))
     out = flat.index_copy(0, dest, xs)
     if padded:  # selected padding slots all write the one extra row, which is dropped
         out = out[:-1]
