@@ -72,8 +72,9 @@ def test_counts_per_window(ws, rates, expect):
 @pytest.mark.parametrize("size", [224, 256])
 def test_gather_equals_masked(size, chunk_rows, monkeypatch):
     if chunk_rows is not None:
-        monkeypatch.setattr(sw, "_MLP_MIN_ROWS", chunk_rows)
-        monkeypatch.setattr(sw, "_MLP_CHUNK_ELEMS", 1)
+        from vitrim.ops import idle
+        monkeypatch.setattr(idle, "_MLP_MIN_ROWS", chunk_rows)
+        monkeypatch.setattr(idle, "_MLP_CHUNK_ELEMS", 1)
     m = small(dynamic_img_size=True)
     stage = m.layers[2]
     with torch.no_grad():

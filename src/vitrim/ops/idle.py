@@ -39,7 +39,7 @@ __all__ = [
     "IdleRecord", "keep_count", "gather_rows", "scatter_rows", "select_rows", "index_to_mask",
     "scores_through_linear_keys", "low_rank_scoring", "rank_scores", "idle_scores", "head_mean_logits",
     "idle_block_gather", "idle_block_masked", "idle_block_train",
-    "pvt_scores", "pvt_keys_values", "conv_at_rows", "pvt_mlp", "pvt_idle_block_gather", "pvt_idle_block_masked",
+    "pvt_scores", "pvt_keys_values", "rows_per_mlp_chunk", "conv_at_rows", "pvt_mlp", "pvt_idle_block_gather", "pvt_idle_block_masked",
 ]
 
 
@@ -383,6 +383,12 @@ def pvt_keys_values(attn: nn.Module, z: torch.Tensor, feat_size: tuple[int, int]
 # and 2 threads; larger chunks lost in stage 2)
 _MLP_CHUNK_ELEMS = 2 ** 20
 _MLP_MIN_ROWS = 1024
+
+
+def rows_per_mlp_chunk(hidden: int) -> int:
+    """Rows per chunk of an MLP run on gathered rows: about 4 MiB of ``hidden`` features, 1024 rows at least."""
+    return max(_MLP_MIN_ROWS, _MLP_CHUNK_ELEMS // hidden)
+
 # entries of the zero hidden map per depthwise conv call (4 MiB in fp32): the map, the conv's output
 # and the rows read back stay in cache
 _MAP_ELEMS = 2 ** 20
@@ -438,7 +444,7 @@ def pvt_mlp(mlp: nn.Module, rows: torch.Tensor, index: torch.Tensor, feat_size: 
     """
     B, S, C = rows.shape
     hidden = mlp.fc1.out_features
-    group = max(1, min(B, max(_MLP_MIN_ROWS, _MLP_CHUNK_ELEMS // hidden) // S))
+    group = max(1, min(B, rows_per_mlp_chunk(hidden) // S))
     out = []
     for b0 in range(0, B, group):
         h = mlp.relu(mlp.fc1(rows[b0:b0 + group]))                      # [g, S, hidden]

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .idle import rows_per_mlp_chunk
+
 __all__ = ["window_slots", "window_partition", "window_reverse", "rel_pos_bias", "shift_mask", "window_scores",
            "select_window_slots", "slot_scores", "swin_idle_block_gather", "swin_idle_block_masked", "window_keep"]
 
@@ -193,16 +195,13 @@ def _mlp_residual(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x + block.drop_path2(block.mlp(block.norm2(x)))
 
 
-# hidden features per chunk of the gathered rows' MLP (4 MiB in fp32), and rows per chunk at least:
-# a chunk's hidden features stay in cache and need no fresh (page-faulting) allocation; measured on
-# swin_tiny at keep 0.5, batch 32: stage 2's idle blocks 151 -> 146 ms, the other stages unchanged
-_MLP_CHUNK_ELEMS = 2 ** 20
-_MLP_MIN_ROWS = 1024
-
-
 def _mlp_residual_rows(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``x + MLP(norm2(x))`` on rows ``x: [R, C]``, in chunks of rows (the MLP is row-wise)."""
-    rows = max(_MLP_MIN_ROWS, _MLP_CHUNK_ELEMS // block.mlp.fc1.out_features)
+    """``x + MLP(norm2(x))`` on rows ``x: [R, C]``, in chunks of rows (the MLP is row-wise).
+
+    A chunk's hidden features stay in cache and need no fresh (page-faulting) allocation; measured on
+    swin_tiny at keep 0.5, batch 32: stage 2's idle blocks 151 -> 146 ms, the other stages unchanged.
+    """
+    rows = rows_per_mlp_chunk(block.mlp.fc1.out_features)
     if x.shape[0] <= rows:
         return _mlp_residual(block, x)
     return torch.cat([_mlp_residual(block, x[r:r + rows]) for r in range(0, x.shape[0], rows)])
