@@ -2,7 +2,8 @@
 
     python benchmarks/pvt.py                                # pvt_v2_b1, keep 0.5 (stages 2-4), batch 32, fp32
     python benchmarks/pvt.py --threads 2 --repeats 7
-    python benchmarks/pvt.py --profile 1                    # torch.profiler of stage 2's blocks (0-based 1)
+    python benchmarks/pvt.py --profile 1                    # torch.profiler of stage 2's blocks (0-based 1),
+                                                            # and the bound their compute kernels set
 
 Inputs: the stage input maps (and every block's input) captured from timm's own model on the same
 images, so timm's blocks and the idle blocks (the installed method's ``block_forward``, bound as the
@@ -118,9 +119,17 @@ def minor_faults(calls) -> dict:
     return out
 
 
+# kernels whose work the FLOPs count (GEMMs, attention, convolutions) and the MLP's activation
+_COMPUTE_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+                "aten::mkldnn_convolution", "aten::gelu")
+
+
 def profile_stage(reduced, stage_index: int, first: int, feat, x, rows: int) -> None:
+    """torch.profiler tables of timm's and the idle stage's blocks, then a bound: timm's time over the
+    idle blocks' compute kernels alone (everything else free) is the most the idle stage could reach."""
     from torch.profiler import ProfilerActivity, profile
     _, _, timm_stage, idle_stage = runners(reduced, stage_index, first, feat)
+    totals = {}
     with torch.inference_mode():
         for name, fn in (("timm", timm_stage), ("idle", idle_stage)):
             fn(x)
@@ -129,6 +138,13 @@ def profile_stage(reduced, stage_index: int, first: int, feat, x, rows: int) -> 
                     fn(x)
             print(f"--- stage {stage_index + 1} blocks, {name} (3 calls)")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+            events = prof.key_averages()
+            totals[name] = (sum(e.self_cpu_time_total for e in events) / 1000,
+                            sum(e.self_cpu_time_total for e in events if e.key in _COMPUTE_OPS) / 1000)
+    (t_all, t_compute), (i_all, i_compute) = totals["timm"], totals["idle"]
+    print(f"stage {stage_index + 1}, 3 calls: timm {t_all:.1f} ms ({t_compute:.1f} in GEMMs, attention, convs and GELU); "
+          f"idle {i_all:.1f} ms ({i_compute:.1f} in them): {t_all / i_all:.2f}x measured, at most "
+          f"{t_all / i_compute:.2f}x with all other idle work (norms, adds, selection, gathers, scatter) free")
 
 
 def main() -> int:

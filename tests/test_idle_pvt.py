@@ -258,7 +258,7 @@ def _mlp_on_zero_map(mlp, rows, index, feat_size):
 def test_pvt_mlp_equals_zero_map_conv(monkeypatch, make, stage, group, map_group):
     """The idle MLP (fc1 and fc2 at the computed rows, the conv on small zero maps) equals the
     depthwise conv of one whole zero map, values and gradients, over chunks of whole samples (a
-    partial last chunk included)."""
+    partial last chunk included); without autograd (chunks written in place) bit for bit the same."""
     from vitrim.ops import idle
     mlp = make().stages[stage].blocks[0].mlp
     side = 16 // 2 ** stage
@@ -275,6 +275,8 @@ def test_pvt_mlp_equals_zero_map_conv(monkeypatch, make, stage, group, map_group
     assert calls == [group * keep] * (5 // group) + [keep] * (5 % group)
     ref = _mlp_on_zero_map(mlp, rows, index, (side, side))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the chunks written into one result in place: the same values
+        torch.testing.assert_close(idle.pvt_mlp(mlp, rows, index, (side, side)), out, atol=0, rtol=0)
     grad = torch.randn(out.shape, generator=g)
     got = torch.autograd.grad(out, [rows, mlp.dwconv.weight], grad)
     want = torch.autograd.grad(ref, [rows, mlp.dwconv.weight], grad)
