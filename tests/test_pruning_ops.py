@@ -243,3 +243,20 @@ def test_evit_scores_are_post_softmax_head_means():
     torch.testing.assert_close(scores, torch.tensor([[0.178, 0.161]]), atol=1e-3, rtol=0)
     assert rank_tokens(scores, 1)[0].item() == 0  # a
     assert logits.mean(1)[:, 1:].argmax().item() == 1  # the pre-softmax mean would pick b
+
+
+def test_flat_rows_read_the_rows_of_an_expanded_gather():
+    """``flat_rows`` positions read the same rows as ``gather`` with an expanded index: per sample
+    for ``[B, T, C]``, per sample and head for ``[B, H, T, w]`` (one index for every head, or one per head)."""
+    from vitrim.ops.rows import flat_rows
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, 5, generator=g)
+    index = torch.stack([torch.randperm(7, generator=g)[:4] for _ in range(3)])
+    got = x.reshape(-1, 5).index_select(0, flat_rows(index, 7)).view(3, 4, 5)
+    assert torch.equal(got, x.gather(1, index.unsqueeze(-1).expand(-1, -1, 5)))
+    y = torch.randn(3, 2, 7, 5, generator=g)
+    shared = y.reshape(-1, 5).index_select(0, flat_rows(index, 7, heads=2)).view(3, 2, 4, 5)
+    assert torch.equal(shared, y.gather(2, index[:, None, :, None].expand(-1, 2, -1, 5)))
+    per_head = torch.stack([index, index.flip(-1)], dim=1)                     # [B, H, n]
+    got = y.reshape(-1, 5).index_select(0, flat_rows(per_head, 7, heads=2)).view(3, 2, 4, 5)
+    assert torch.equal(got, y.gather(2, per_head.unsqueeze(-1).expand(-1, -1, -1, 5)))

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attend, project, qkv_part
+from .rows import flat_rows
 
 __all__ = [
     "IdleRecord", "keep_count", "gather_rows", "scatter_rows", "select_rows", "index_to_mask",
@@ -71,12 +72,6 @@ def keep_count(num_patches: int, keep_rate: float, exponent: int) -> int:
 
 
 # ---------------------------------------------------------------------- row bookkeeping
-def _flat(index: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """``index: [B, S]`` row positions -> ``[B * S]`` positions in the ``[B * T]`` flattened rows."""
-    offsets = torch.arange(index.shape[0], device=index.device).unsqueeze(1) * num_tokens
-    return (index + offsets).reshape(-1)
-
-
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x: [B, T, C]``, ``index: [B, S]`` -> ``[B, S, C]`` rows ``x[b, index[b]]``.
 
@@ -84,13 +79,13 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     ``gather`` with an expanded ``[B, S, C]`` index).
     """
     B, T, C = x.shape
-    return x.reshape(B * T, C).index_select(0, _flat(index, T)).view(B, index.shape[1], C)
+    return x.reshape(B * T, C).index_select(0, flat_rows(index, T)).view(B, index.shape[1], C)
 
 
 def scatter_rows(x: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Copy of ``x: [B, T, C]`` with ``rows: [B, S, C]`` written at ``index: [B, S]`` (out of place)."""
     B, T, C = x.shape
-    return x.reshape(B * T, C).index_copy(0, _flat(index, T), rows.reshape(-1, C)).view(B, T, C)
+    return x.reshape(B * T, C).index_copy(0, flat_rows(index, T), rows.reshape(-1, C)).view(B, T, C)
 
 
 def select_rows(score: torch.Tensor, keep: int, num_prefix: int) -> torch.Tensor:
@@ -240,7 +235,7 @@ def idle_block_gather(block: nn.Module, x: torch.Tensor, keep: int, num_prefix: 
     score, k_all = rank_scores(attn, z, num_prefix, mean_query)
     index = select_rows(score, keep, num_prefix)
     S, A, H, d = index.shape[1], attn.attn_dim, attn.num_heads, attn.head_dim
-    flat = _flat(index, T)                                          # one flat index for every gather and the scatter
+    flat = flat_rows(index, T)                                          # one flat index for every gather and the scatter
     zs = z.reshape(B * T, C).index_select(0, flat).view(B, S, C)
     if k_all is None:  # Q, K and V of the selected rows in one product
         q, k, v = attn.qkv(zs).reshape(B, S, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
@@ -319,7 +314,7 @@ def idle_block_train(block: nn.Module, x: torch.Tensor, keep: int, num_prefix: i
     w_q, b_q = qkv_part(attn, 0)
     q = attn.q_norm(_heads(attn, F.linear(z, w_q, b_q))).transpose(1, 2).reshape(B, T, A)
     logits = (q @ k.transpose(1, 2)) * (attn.scale / H)             # = head_mean_logits, all rows
-    flat = _flat(index, T)
+    flat = flat_rows(index, T)
     qs = q.reshape(B * T, A).index_select(0, flat).view(B, S, H, d).transpose(1, 2)
     ks = k.reshape(B * T, A).index_select(0, flat).view(B, S, H, d).transpose(1, 2)
     zs = z.reshape(B * T, C).index_select(0, flat).view(B, S, C)

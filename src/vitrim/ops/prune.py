@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .rows import flat_rows
+
 __all__ = [
     "PruneRecord",
     "prune_records",
@@ -391,16 +393,8 @@ def _alive_first(policy: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Ten
     return order, position, A
 
 
-def _row_index(index: torch.Tensor, H: int, T: int) -> torch.Tensor:
-    """``[B, n]`` (one index for every head) or ``[B, H, n]`` positions along ``T`` -> flat rows of a
-    contiguous ``[B, H, T, w]`` tensor viewed as ``[B H T, w]`` (row gathers copy whole rows)."""
-    B = index.shape[0]
-    base = torch.arange(B * H, device=index.device).view(B, H, 1) * T
-    return (index.view(B, -1, index.shape[-1]) + base).reshape(-1)
-
-
 def _take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``x: [B, H, T, w]`` contiguous, ``rows`` from :func:`_row_index` -> ``[B, H, n, w]`` contiguous."""
+    """``x: [B, H, T, w]`` contiguous, ``rows`` from :func:`~vitrim.ops.rows.flat_rows` -> ``[B, H, n, w]`` contiguous."""
     B, H, _, w = x.shape
     return x.reshape(-1, w).index_select(0, rows).view(B, H, -1, w)
 
@@ -431,8 +425,8 @@ class _PolicyAttention(torch.autograd.Function):
             vc, pc = v, policy.reshape(B, 1, T, 1).to(v.dtype)
         else:
             order, position, A = split
-            kc = _take_rows(k.contiguous(), _row_index(order, H, T))
-            vc = _take_rows(v.contiguous(), _row_index(order[:, :A], H, T))      # the A first columns' values
+            kc = _take_rows(k.contiguous(), flat_rows(order, T, H))
+            vc = _take_rows(v.contiguous(), flat_rows(order[:, :A], T, H))       # the A first columns' values
             pc = policy[..., 0].gather(1, order[:, :A]).reshape(B, 1, A, 1).to(v.dtype)
         if torch.compiler.is_compiling():  # traced out= results may keep q's strides
             qs = (q * scale).contiguous()
@@ -487,7 +481,7 @@ class _PolicyAttention(torch.autograd.Function):
         g_nu_m = g_nu.to(md).view(B * H, T, d + 1)
         ev = e.to(md).view(B * H, T, T)
         g_w = torch.bmm(ev.transpose(1, 2), g_nu_m).view(B, H, T, d + 1).to(acc)  # every key's, column order
-        to_tokens = None if position is None else _row_index(position, H, T)     # column order -> token order
+        to_tokens = None if position is None else flat_rows(position, T, H)      # column order -> token order
         if to_tokens is not None:
             g_w = _take_rows(g_w, to_tokens)
         g_q = g_k = g_v = g_p = None
@@ -495,7 +489,7 @@ class _PolicyAttention(torch.autograd.Function):
             g_a = torch.bmm(g_nu_m, w.to(md).view(B * H, A, d + 1).transpose(1, 2)).view(B, H, T, A)
             g_l = g_a.to(acc).mul_(e[..., :A]).to(ld).view(B * H, T, A)          # dL/dA on the A columns
             kcl = kc.to(ld)
-            at_max = _row_index(top[..., 0], H, T)                               # each row's max key
+            at_max = flat_rows(top[..., 0], T, H)                                # each row's max key
             if ctx.needs_input_grad[0]:  # scale * (dA @ k + the max's and the own key's entries)
                 g_q = torch.bmm(g_l, kcl[:, :, :A].reshape(B * H, A, d)).view(B, H, T, d)
                 g_q = g_q.addcmul_(g_max.to(ld), _take_rows(kcl, at_max))

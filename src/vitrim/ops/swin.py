@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .idle import rows_per_mlp_chunk
+from .rows import flat_rows
 
 __all__ = ["window_slots", "window_partition", "window_reverse", "rel_pos_bias", "shift_mask", "window_scores",
            "select_window_slots", "slot_scores", "swin_idle_block_gather", "swin_idle_block_masked", "window_keep"]
@@ -234,8 +235,8 @@ def swin_idle_block_gather(block: nn.Module, x: torch.Tensor, keep: int, scores:
     bias = _pair_bias(block, idx, nW, shift_mask(block, (H, W), x.dtype, x.device))
     a = attn.proj_drop(attn.proj(_attend(attn, q, k, v, bias)))                      # [BW, K, C]
     pos = slots.repeat(B, 1).gather(1, idx).view(B, nW * keep)                       # [B, nW*K]
-    dest = pos + torch.arange(B, device=x.device).unsqueeze(1) * (H * W)
-    dest = torch.where(pos < 0, torch.full_like(dest, B * H * W), dest).reshape(-1)  # padding -> a dropped row
+    dest = flat_rows(pos, H * W)
+    dest = torch.where(pos.reshape(-1) < 0, B * H * W, dest)                         # padding -> a dropped row
     flat = x.reshape(B * H * W, C)
     if padded:
         flat = torch.cat([flat, flat.new_zeros(1, C)])
