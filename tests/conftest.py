@@ -35,14 +35,17 @@ def assert_traced_matches_analytic(model, width: int, rel: float = 0.02) -> None
     assert vitrim.traced_flops(model) == pytest.approx(vitrim.flops(model) - saved, rel=rel)
 
 
-def check_cli_on_folder(model_arg: str, r: int, tmp_path) -> None:
-    """``vitrim flops --traced``, ``bench``, ``visualize`` and ``export --verify`` (when onnxscript is
-    installed) on one model argument (e.g. ``hf:FOLDER``) with ToMe at ``r``."""
+def check_cli_on_folder(model_arg: str, r: int, tmp_path, classifier: bool = True) -> None:
+    """``vitrim flops --traced``, ``bench`` (inference and ``--train``: refused with a clear error for a
+    model without class logits), ``visualize`` and ``export --verify`` (when onnxscript is installed) on
+    one model argument (e.g. ``hf:FOLDER``) with ToMe at ``r``."""
     from vitrim.cli import main
 
     assert main(["flops", "--model", model_arg, "--r", str(r), "--traced"]) == 0
-    assert main(["bench", "--model", model_arg, "--r", str(r), "--batch-size", "2", "--repeats", "1", "--iters",
-                 "1", "--warmup", "0", "--device", "cpu"]) == 0
+    bench = ["bench", "--model", model_arg, "--r", str(r), "--batch-size", "2", "--repeats", "1", "--iters", "1",
+             "--warmup", "0", "--device", "cpu"]
+    assert main(bench) == 0
+    assert main(bench + ["--train"]) == (0 if classifier else 2)
     assert main(["visualize", "--model", model_arg, "--r", str(r), "-o", str(tmp_path / "v.png")]) == 0
     assert (tmp_path / "v.png").stat().st_size > 0
     try:

@@ -94,3 +94,24 @@ def test_bench_train_keeps_predictors_a_checkpoint_brought(tmp_path, capsys):
                "--json"])
     assert rc == 0
     assert "keep its rates" not in capsys.readouterr().err
+
+
+def test_bench_train_compile_compiles_each_models_loss(monkeypatch, capsys):
+    """``--train --compile`` compiles each model's whole training loss (forward, head, method terms),
+    not the module alone, whose wrapper the loss would unwrap (torch.compile itself stubbed: its work
+    is torch's)."""
+    import functools
+
+    from vitrim.cli import measure
+    compiled = []
+
+    def record(fn, *args, **kwargs):
+        compiled.append(fn)
+        return fn
+    monkeypatch.setattr(torch, "compile", record)
+    rc = main(["bench", "--train", "--compile", "--model", "deit_tiny_patch16_224", "--img-size", "32", "--method",
+               "evit", "--batch-size", "2", "--warmup", "0", "--repeats", "1", "--iters", "1"])
+    assert rc == 0 and "compile=on" in capsys.readouterr().out
+    assert len(compiled) == 2
+    assert all(isinstance(f, functools.partial) and f.func is measure.training_loss for f in compiled)
+    assert [vitrim.is_reduced(f.args[0]) for f in compiled] == [False, True]

@@ -101,3 +101,23 @@ def test_shipped_predictors_fit_their_model(model):
             assert {k: v.shape for k, v in state.items()} == expected
     assert shipped_method_weights(model, "dynamicvit", {"keep_rate": 0.8}) is None
     assert shipped_method_weights("deit_tiny_patch16_224", "dynamicvit", {"keep_rate": 0.7}) is None
+
+
+def test_compare_default_methods_are_those_the_model_accepts(tmp_path):
+    """Without ``methods`` a pyramid model is compared with the methods that can reduce it (idle); the
+    others are listed with the reason. Asked for by name (or by a sweep), a refused method is an error."""
+    from vitrim.compare import skipped_note
+    from vitrim.errors import UnsupportedModelError
+    kw = dict(batch_sizes=[1], img_size=64, warmup=0, repeats=1, iters=1, progress=False)
+    res = compare("pvt_v2_b0", sweeps={"idle": [{"keep_rate": 0.5}]}, output=str(tmp_path), plots=False, **kw)
+    assert [(r.method, r.setting) for r in res.rows] == [("none", "-"), ("idle", "keep_rate=0.5")]
+    assert sorted(res.skipped) == ["dtps", "dynamicvit", "etps", "evit", "tome"]
+    assert "cannot reduce a pyramid model" in res.skipped["tome"]
+    note = skipped_note(res)
+    assert note.startswith("not run: tome, evit") and note.endswith("compared: idle.")
+    md = (tmp_path / "results.md").read_text()
+    assert note in md and "no top-1 (no data)" in md
+    with pytest.raises(UnsupportedModelError, match="cannot reduce a pyramid model"):
+        compare("pvt_v2_b0", methods=["tome"], output=None, **kw)
+    with pytest.raises(UnsupportedModelError, match="cannot reduce a pyramid model"):
+        compare("pvt_v2_b0", sweeps={"tome": [{"r": 1}]}, output=None, **kw)

@@ -133,3 +133,42 @@ def test_cli(which, folders, tmp_path, capsys):
     check_cli_on_folder(f"hf:{folders / which}", 4, tmp_path)
     text = capsys.readouterr().out
     assert "traced" in text and "speedup" in text and ("(1, 8, 3, 32, 32)" in text or "(1, 64, 32)" in text)
+    assert "training step, batch 2" in text
+
+
+@pytest.mark.parametrize("which,shape", [("vm", "(8, 3, 32, 32)"), ("ast", "(64, 32)")])
+def test_image_folder_commands_refuse_video_and_audio(which, shape, folders, tmp_path, capsys):
+    """eval and compare --data read ImageFolder images: they refuse a clip or spectrogram model up front,
+    naming its sample shape (no traceback, nothing measured or written)."""
+    from PIL import Image
+
+    from vitrim.cli import main
+    for c in range(5):
+        (tmp_path / "val" / f"c{c}").mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(tmp_path / "val" / f"c{c}" / "a.png")
+    model = f"hf:{folders / which}"
+    for argv in (["eval", "--model", model, "--data", str(tmp_path)],
+                 ["compare", "--model", model, "--data", str(tmp_path), "--methods", "tome", "-o", str(tmp_path / "o")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "is an image folder, but" in err and f"takes samples of shape {shape}" in err, argv
+    assert not (tmp_path / "o" / "results.md").exists()
+
+
+@pytest.mark.parametrize("make,x,grid", [(video, CLIP, (4, 4, 4)), (audio, SPEC, (5, 10))])
+def test_forward_dense(make, x, grid):
+    """forward_dense on a clip ([B, T', h, w, C]) and a spectrogram ([B, f', t', C]): at zero reduction the
+    model's own patch tokens; merged tokens spread back over their patches; a sample without its batch
+    dimension gets a clear error naming the sample shape."""
+    from vitrim.errors import OptionError
+    zero = vitrim.apply(make(), "tome", r=0)
+    tokens, _ = zero.forward_tokens(x)
+    dense = vitrim.forward_dense(zero, x)
+    assert tuple(dense.shape) == (2, *grid, 48)
+    assert torch.equal(dense.reshape(2, -1, 48), tokens[:, tokens.shape[1] - dense[0, ..., 0].numel():])
+    merged = vitrim.forward_dense(vitrim.apply(make(), "tome", r=4), x)
+    assert tuple(merged.shape) == tuple(dense.shape)
+    rows = merged.reshape(2, -1, 48)
+    assert len(torch.unique(rows[0], dim=0)) < rows.shape[1]  # merged patches share their token's feature
+    with pytest.raises(OptionError, match=r"one sample: .*add the batch dimension"):
+        vitrim.forward_dense(zero, x[0])

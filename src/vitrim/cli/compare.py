@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..compare import compare, parse_sweep, terminal_table, untrained_methods
-from ..compare.report import extension_notes
+from ..compare.report import extension_notes, skipped_note
 from ..methods.base import registered_methods
 
 __all__ = ["add_compare_parser", "cmd_compare"]
@@ -29,7 +29,8 @@ def add_compare_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
                         "idle:0.7=runs/x/best.pt (repeatable)")
     p.add_argument("--data", help="ImageFolder root or its val/ folder (default for vitrim's digits models: the digits canvases)")
     p.add_argument("--methods", type=_csv_list, default=None,
-                   help=f"comma-separated methods (default: all: {','.join(c.name for c in registered_methods())})")
+                   help=f"comma-separated methods (default: every one that can reduce the model: "
+                        f"{','.join(c.name for c in registered_methods())})")
     p.add_argument("--sweep", help="strengths per method, e.g. 'tome:r=8,13,16;evit:keep_rate=0.9,0.7' "
                                    "(default: ToMe r at 0.5/0.8/1.0 of patches//depth, keep rates 0.9/0.7/0.5)")
     p.add_argument("--batch-size", type=int, nargs="+", default=[1, 16],
@@ -62,6 +63,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(f"* {', '.join(untrained)}: untrained score predictors, top-1 needs fine-tuning (vitrim train)")
     for note in extension_notes(result):
         print(f"* {note}")
+    if result.skipped:
+        print(f"* {skipped_note(result)}")
     for kind, path in result.paths.items():
         print(f"wrote {path}")
     return 0

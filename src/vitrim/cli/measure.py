@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import types
@@ -12,7 +13,7 @@ import torch
 from .. import api
 from ..api import flops, flops_report, traced_flops
 from ..checks import non_negative_int, positive_int
-from ..measure.bench import benchmark, benchmark_training
+from ..measure.bench import benchmark, benchmark_training, output_logits
 from ..progress import Progress
 from .common import add_model_args, build_models, device_of, input_shape, label
 
@@ -66,13 +67,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         models[name] = reduced.to(device)
         gm[name] = flops(reduced, args.img_size)
-    if args.compile:
+    sample = input_shape(base, args.img_size)
+    loss_fns = {name: training_loss for name in models}
+    if args.train:
+        num_classes = _check_classifier(base, sample, device)
+        if args.compile:  # the whole loss (forward, head, method terms) compiled; optimiser and backward eager
+            loss_fns = {name: _compiled_loss(m) for name, m in models.items()}
+    elif args.compile:
         models = {k: torch.compile(v) for k, v in models.items()}
     precisions = args.precision or (["fp16"] if args.train and device.type == "cuda" else ["fp32"])
-    sample = input_shape(base, args.img_size)
     results = []
     total = len(args.batch_size) * len(precisions) * args.repeats
-    loss_fns = {name: training_loss for name in models}
     with Progress(total=total, desc="bench", enabled=not args.json, every=10.0) as bar:
         for precision in precisions:
             for bs in args.batch_size:
@@ -81,8 +86,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                               warmup=args.warmup, repeats=args.repeats, iters=args.iters, compiled=args.compile,
                               gmacs=gm, progress=lambda _: bar.update(1))
                 if args.train:
-                    res = benchmark_training(models, num_classes=max(1, int(getattr(base, "num_classes", 0) or 1)),
-                                             loss_fns=loss_fns, **common)
+                    res = benchmark_training(models, num_classes=num_classes, loss_fns=loss_fns, **common)
                 else:
                     res = benchmark(models, **common)
                 results.append(res)
@@ -97,23 +101,40 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_classifier(base: torch.nn.Module, sample: tuple[int, ...], device: torch.device) -> int:
+    """The number of classes a training step's targets are drawn from; refuses a model without class
+    logits (one forward of one sample, before any timing)."""
+    from ..train.data import model_classes
+
+    was_training = base.training
+    with torch.no_grad():
+        output_logits(base.eval()(torch.zeros(1, *sample, device=device)))
+    base.train(was_training)
+    n, _ = model_classes(base)
+    return max(1, int(n or 1))
+
+
+def _compiled_loss(model: torch.nn.Module):
+    """:func:`training_loss` of ``model`` as one ``torch.compile``\ d function (``LossFn`` signature)."""
+    compiled = torch.compile(functools.partial(training_loss, model))
+    return lambda _model, images, targets: compiled(images, targets)
+
+
 def training_loss(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy plus, for a reduced model, its method's own loss terms with the method's weights
     (keep-ratio loss, token cut loss ...; the terms that need a teacher are left out, as is the teacher)."""
     from ..api import get_method, is_reduced
 
-    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper: the reduced model's own methods
+    model = getattr(model, "_orig_mod", model)  # a torch.compile'd module: the reduced model's own methods
     if not is_reduced(model):
-        logits = model(images)
+        logits = output_logits(model(images))
         terms: dict[str, torch.Tensor] = {}
     else:
         method = get_method(model)
         tokens, state = model.forward_tokens(images)
         logits = model.forward_head_with_state(tokens, state)
         terms = method.loss_terms(state, tokens, None, dict(method.loss_weights), types.SimpleNamespace())
-    if isinstance(logits, (tuple, list)):  # distilled heads in training mode
-        logits = (logits[0] + logits[1]) / 2
-    loss = torch.nn.functional.cross_entropy(logits, targets)
+    loss = torch.nn.functional.cross_entropy(output_logits(logits), targets)  # distilled pairs averaged
     return loss + sum(terms.values()) if terms else loss
 
 

@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence
 from ..methods.base import get_method_class
 from .result import CompareResult, Row
 
-__all__ = ["pareto_front", "markdown_table", "terminal_table", "extension_notes", "write_csv", "plot_results", "untrained_methods",
+__all__ = ["pareto_front", "markdown_table", "terminal_table", "extension_notes", "skipped_note", "write_csv", "plot_results", "untrained_methods",
            "write_report", "write_html", "method_color"]
 
 
@@ -177,6 +177,16 @@ def extension_notes(result: CompareResult) -> list[str]:
     return [f"{method}: {'; '.join(ext)} [vitrim extension]" for method, ext in notes.items()]
 
 
+def skipped_note(result: CompareResult) -> str:
+    """One line on the registered methods left out of the default list (they cannot reduce the model)."""
+    if not result.skipped:
+        return ""
+    first, why = next(iter(result.skipped.items()))
+    ran = list(dict.fromkeys(r.method for r in result.rows if r.method != "none"))
+    return (f"not run: {', '.join(result.skipped)}, which cannot reduce this model (e.g. {first}: {why}); "
+            f"compared: {', '.join(ran) or 'none'}.")
+
+
 def terminal_table(result: CompareResult) -> str:
     """The table for a terminal (80 columns): method, setting, GMACs, top-1, speed-up at the largest
     batch size, batch-1 latency, weights (checkpoint paths listed under the table as ``[n]``)."""
@@ -208,12 +218,16 @@ def write_report(result: CompareResult, folder: str, plots: bool = True) -> dict
     with open(md, "w") as f:
         f.write(f"# vitrim compare: {env.get('model')}\n\n"
                 f"Measured in one run on {env.get('device')} ({env.get('device_name')}, {env.get('threads')} threads, "
-                f"torch {env.get('torch')}); top-1 on {result.images} images of {env.get('data')}. Throughput: "
+                f"torch {env.get('torch')}); "
+                + (f"top-1 on {result.images} images of {env.get('data')}. " if result.images else "no top-1 (no data). ")
+                + f"Throughput: "
                 f"median img/s, all rows timed side by side; latency: batch 1.\n\n{markdown_table(result)}\n")
         if untrained_methods(result):
             f.write(f"\n{_untrained_note(result)}\n")
         for note in extension_notes(result):
             f.write(f"\n- {note}\n")
+        if result.skipped:
+            f.write(f"\n{skipped_note(result)}\n")
     paths["md"] = md
     if plots:
         paths.update(plot_results(result, folder))
@@ -266,7 +280,7 @@ def write_html(result: CompareResult, path: str, paths: dict) -> str:
         f"<figure class='pic'><img src='{_data_uri(png)}' alt='{escape(m)} {escape(setting)}'><figcaption>"
         f"{escape(m)} {escape(setting)}</figcaption></figure>" for m, (setting, png) in result.pictures.items())
     note = _untrained_note(result)
-    extensions = "".join(f"<p class='note'>{escape(n)}</p>" for n in extension_notes(result))
+    extensions = "".join(f"<p class='note'>{escape(n)}</p>" for n in [*extension_notes(result), skipped_note(result)] if n)
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>vitrim compare: {escape(str(env.get('model')))}</title>
 <style>

@@ -41,3 +41,4 @@ class CompareResult:
     env: dict
     images: int = 0
     pictures: dict = field(default_factory=dict)   # method -> (setting, PNG path): what it did to one image
+    skipped: dict = field(default_factory=dict)    # method -> why it was left out of the default list

@@ -110,6 +110,22 @@ def _method_list(methods: Any) -> list[str]:
     return list(methods)
 
 
+def _accepted(methods: Sequence[str], info: ModelInfo, asked: set) -> tuple[list[str], dict[str, str]]:
+    """``(methods that can reduce the model, {method: why not} for the others)``; a method with a sweep
+    or a checkpoint of its own was asked for, and keeps its error."""
+    kept, skipped = [], {}
+    for m in methods:
+        try:
+            get_method_class(m).check_model(info)
+        except VitrimError as err:
+            if m in asked:
+                raise
+            skipped[m] = str(err)
+            continue
+        kept.append(m)
+    return kept, skipped
+
+
 def _configs(methods: Sequence[str], sweeps: dict[str, list[dict]], ckpts: dict,
              info: ModelInfo) -> list[tuple[str, dict, Optional[str]]]:
     """(method, options, checkpoint) per reduced row: the sweep, plus fine-tuned rows."""
@@ -158,7 +174,8 @@ def compare(model: Optional[str] = None, methods: Optional[Sequence[str]] = None
     Args:
         model: timm name; default: the embedded ``vitrim_vit_digits``. vitrim's digits models (``vitrim.zoo``)
             default to their shipped weights and, without ``data``, the digits validation split.
-        methods: method names (default: every registered method); ``sweeps`` overrides a method's
+        methods: method names (default: every registered method that can reduce the model; the others
+            are listed in ``CompareResult.skipped`` with the reason); ``sweeps`` overrides a method's
             strengths (``parse_sweep``).
         checkpoints: ``PATH`` for the model's weights, ``METHOD:VALUE=PATH`` for fine-tuned rows.
         batch_sizes: throughput batch sizes; batch 1 is always added (latency).
@@ -169,6 +186,7 @@ def compare(model: Optional[str] = None, methods: Optional[Sequence[str]] = None
             ``acc_vs_throughput.png`` (``None``: write nothing).
     """
     # every input is checked before a model is built or an image read
+    explicit = methods is not None
     methods = _method_list(methods)
     sizes = sorted({1, *(positive_int(b, "each batch size") for b in batch_sizes)})
     non_negative_int(warmup, "warmup")
@@ -192,6 +210,9 @@ def compare(model: Optional[str] = None, methods: Optional[Sequence[str]] = None
     base = create_model(name, pretrained=pretrained or (embedded and base_ckpt is None), checkpoint=base_ckpt,
                         img_size=img_size).eval()
     info = get_adapter(base).info()
+    skipped: dict[str, str] = {}
+    if not explicit:  # the default list: the methods this model accepts (asked of each method)
+        methods, skipped = _accepted(methods, info, set(sweeps or {}) | {cm for cm, _ in row_ckpts})
     if data is None and embedded:
         data = str(ensure_digits())
     configs = _configs(methods, sweeps or {}, row_ckpts, info)
@@ -253,7 +274,7 @@ def compare(model: Optional[str] = None, methods: Optional[Sequence[str]] = None
     env = {**env, "device": str(dev), "model": name, "data": str(data) if data else None, "vitrim": __version__,
            "warmup": warmup, "repeats": repeats, "iters": iters, "seconds": round(time.perf_counter() - started, 1),
            "date": datetime.datetime.now().isoformat(timespec="seconds")}
-    result = CompareResult(rows, sizes, {}, env, n_images, pictures)
+    result = CompareResult(rows, sizes, {}, env, n_images, pictures, skipped)
     if output is not None:
         result.paths = write_report(result, output, plots=plots)
     return result

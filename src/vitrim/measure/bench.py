@@ -22,8 +22,10 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ..errors import VitrimError
+
 __all__ = ["BenchResult", "ModelTiming", "benchmark", "benchmark_training", "cross_entropy_loss", "environment",
-           "LossFn"]
+           "LossFn", "output_logits"]
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -174,16 +176,25 @@ def benchmark(
                        compiled, environment(device), _timings(samples, batch_size, iters, gmacs))
 
 
-def _logits(out):
-    """A model's output as one logits tensor (distilled heads in training mode are averaged)."""
-    if isinstance(out, (tuple, list)):
+def output_logits(out) -> torch.Tensor:
+    """A classifier's output as one logits tensor: a tensor as it is, distilled heads in training mode
+    (a pair) averaged, a Hugging Face output's ``logits``. Raises for an output without logits."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out):
         return (out[0] + out[1]) / 2
-    return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise VitrimError(f"a training step needs class logits, but the model returns {type(out).__name__} without "
+                      f"them (a model without a classification head); accepted: classifiers, e.g. a timm model "
+                      f"with a head or a Hugging Face ...ForImageClassification / ...ForVideoClassification / "
+                      f"...ForAudioClassification")
 
 
 def cross_entropy_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The default training loss: cross-entropy of ``model(images)``."""
-    return nn.functional.cross_entropy(_logits(model(images)), targets)
+    """The default training loss: cross-entropy of ``model(images)``'s logits."""
+    return nn.functional.cross_entropy(output_logits(model(images)), targets)
 
 
 def _timings(samples: dict[str, list[float]], batch_size: int, iters: int,

@@ -138,7 +138,11 @@ class IdleViT(ReductionMethod):
 
     def extensions(self) -> list[str]:
         out = []
-        if self.info.stage_depths:
+        if self.info.windowed:
+            out.append("windowed stages (Swin): per-window top-K, ranked by the window-mean query "
+                       f"({'a learned predictor' if self.score == 'predictor' else 'no parameters'}; "
+                       "docs/methods/idlevit.md)")
+        elif self.info.stage_depths:
             out.append("pyramid stages: per-stage keep rates, the average token's query (docs/methods/idlevit.md)")
         elif self.info.num_prefix_tokens == 0 or not self.info.has_class_token:
             out.append("no class token: tokens ranked by the average patch token's query (docs/methods/idlevit.md)")
@@ -159,8 +163,9 @@ class IdleViT(ReductionMethod):
 
     @staticmethod
     def _check_layers(layers, info: ModelInfo) -> tuple[int, ...]:
+        default = default_idle_layers(info) or (info.depth // 4, info.depth - 1)  # the family's default, as an example
         accepted = (f"accepted: None (default idle layers) or a strictly increasing sequence of block indices "
-                    f"in 0..{info.depth - 1}, e.g. range({info.depth // 4}, {info.depth})")
+                    f"in 0..{info.depth - 1}, e.g. range({default[0]}, {default[-1] + 1})")
         if layers is None:
             return default_idle_layers(info)
         if isinstance(layers, (str, bytes)) or not isinstance(layers, (Sequence, range)):

@@ -16,7 +16,7 @@ from ..checks import writable_dir
 from ..errors import VitrimError
 
 __all__ = ["default_data_root", "default_digits_root", "build_digits", "check_digits_output", "is_digits_dataset",
-           "ensure_digits", "resolve_split", "class_names", "model_classes", "check_classes", "image_dataset",
+           "ensure_digits", "resolve_split", "class_names", "model_classes", "check_image_model", "check_classes", "image_dataset",
            "train_transform", "eval_transform", "build_train_loader", "build_eval_loader", "DIGITS_CANVAS"]
 
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -229,6 +229,19 @@ def _preview(names: list[str], k: int = 6) -> str:
     return ", ".join(names[:k]) + (f", ... ({len(names)} in all)" if len(names) > k else "")
 
 
+def check_image_model(model: torch.nn.Module, folder: str | os.PathLike, what: str = "data") -> None:
+    """ImageFolder data feeds image models only: refuse a model whose samples are not ``(3, H, W)``
+    images (video clips, spectrograms), asked of its adapter, before any image is read."""
+    from ..adapters import get_adapter
+
+    shape = tuple(get_adapter(model).input_shape())
+    if len(shape) != 3 or shape[0] != 3:
+        raise VitrimError(f"{what} {str(folder)!r} is an image folder, but {type(model).__name__} takes samples of "
+                          f"shape {shape}, not images (3, H, W); accepted: image classifiers. Video and audio "
+                          f"models run in vitrim flops, bench and compare without --data, and from Python "
+                          f"(docs/models/hf.md)")
+
+
 def check_classes(folder: str | os.PathLike, model: torch.nn.Module, what: str = "data",
                   names: Optional[list[str]] = None, classes: Optional[list[str]] = None,
                   match_names: bool = True) -> list[str]:
@@ -240,6 +253,7 @@ def check_classes(folder: str | os.PathLike, model: torch.nn.Module, what: str =
     classes when already known (:func:`class_names`); ``match_names=False``: the count only (a new head
     being trained). Returns the folder's classes.
     """
+    check_image_model(model, folder, what)
     classes = list(classes) if classes is not None else class_names(folder)
     n, known = model_classes(model)
     if names is not None and (n is None or len(names) == n):

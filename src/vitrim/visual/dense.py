@@ -94,11 +94,13 @@ def restore_grid(model: Optional[nn.Module], tokens: torch.Tensor, state: Forwar
 
 
 def forward_dense(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Dense features of images ``x: [B, 3, H, W]`` through a reduced model: ``[B, H/ps, W/ps, C]``.
+    """Dense features of a batch through a reduced model: one feature per patch of the input.
 
-    Runs ``vitrim.forward_tokens`` with the provenance the method needs kept for this forward only
-    (``ReductionMethod.provenance``; ToMe: ``trace_source``, set back afterwards, so do not run other
-    forwards of the same model concurrently), then :func:`restore_grid`.
+    Images ``x: [B, 3, H, W]`` -> ``[B, H/ps, W/ps, C]``; a video clip ``[B, T, C, H, W]`` (VideoMAE)
+    -> ``[B, T', h, w, C]`` (``T'`` tubelet steps); a spectrogram ``[B, time, freq]`` (AST) -> ``[B, f', t', C]``,
+    the adapter's patch grid. Runs ``vitrim.forward_tokens`` with the provenance the method needs kept
+    for this forward only (``ReductionMethod.provenance``; ToMe: ``trace_source``, set back afterwards,
+    so do not run other forwards of the same model concurrently), then :func:`restore_grid`.
 
     Example:
         >>> model = vitrim.apply(timm.create_model("deit_small_patch16_224"), "tome", r=13)
@@ -106,10 +108,17 @@ def forward_dense(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         torch.Size([2, 14, 14, 384])
     """
     method = get_method(model)
-    if not isinstance(x, torch.Tensor) or x.ndim != 4:
-        raise OptionError(f"forward_dense takes a batch of images [B, 3, H, W], got "
-                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}; "
-                          f"add the batch dimension with x[None] for one image")
+    adapter = get_adapter(model)
+    sample = tuple(adapter.input_shape())
+    if not isinstance(x, torch.Tensor) or x.ndim != len(sample) + 1:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        kind = {3: "images [B, 3, H, W]", 4: "video clips [B, T, C, H, W]", 2: "spectrograms [B, time, freq]"}
+        raise OptionError(f"forward_dense takes a batch of {kind.get(len(sample), f'samples {sample}')} for this "
+                          f"model (one sample: {sample}), got {got}"
+                          + ("; add the batch dimension with x[None] for one sample"
+                             if isinstance(x, torch.Tensor) and tuple(x.shape) == sample else ""))
     with method.provenance():
         tokens, state = model.forward_tokens(x)
-    return restore_grid(model, tokens, state, tuple(get_adapter(model).output_grid(tuple(x.shape[-2:]))))
+    out = restore_grid(model, tokens, state, tuple(adapter.output_grid(tuple(x.shape[-2:]))))
+    steps = adapter.frames()
+    return out if steps == 1 else out.view(out.shape[0], steps, out.shape[1] // steps, *out.shape[2:])
