@@ -21,6 +21,6 @@ def flat_rows(index: torch.Tensor, num_rows: int, heads: int = 1) -> torch.Tenso
     Returns:
         ``[B * heads * n]`` flat rows, sample by sample (and head by head), each group in ``index``'s order.
     """
-    B, n = index.shape[0], index.shape[-1]
+    B = index.shape[0]
     base = torch.arange(B * heads, device=index.device).view(B, heads, 1) * num_rows
-    return (index.view(B, -1, n) + base).reshape(-1)
+    return ((index.unsqueeze(1) if index.ndim == 2 else index) + base).reshape(-1)
