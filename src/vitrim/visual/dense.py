@@ -116,7 +116,8 @@ def forward_dense(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         raise OptionError(f"forward_dense takes a batch of {kind.get(len(sample), f'samples {sample}')} for this "
                           f"model (one sample: {sample}), got {got}"
                           + ("; add the batch dimension with x[None] for one sample"
-                             if isinstance(x, torch.Tensor) and tuple(x.shape) == sample else ""))
+                             if isinstance(x, torch.Tensor) and x.ndim == len(sample)
+                             and tuple(x.shape[:-2]) == sample[:-2] else ""))
     with method.provenance():
         tokens, state = model.forward_tokens(x)
     out = restore_grid(model, tokens, state, tuple(adapter.output_grid(tuple(x.shape[-2:]))))
