@@ -115,7 +115,7 @@ def _check_classifier(base: torch.nn.Module, sample: tuple[int, ...], device: to
 
 
 def _compiled_loss(model: torch.nn.Module):
-    """:func:`training_loss` of ``model`` as one ``torch.compile``\ d function (``LossFn`` signature)."""
+    """:func:`training_loss` of ``model`` as one function compiled by ``torch.compile`` (``LossFn`` signature)."""
     compiled = torch.compile(functools.partial(training_loss, model))
     return lambda _model, images, targets: compiled(images, targets)
 
