@@ -127,14 +127,14 @@ def training_loss(model: torch.nn.Module, images: torch.Tensor, targets: torch.T
 
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd module: the reduced model's own methods
     if not is_reduced(model):
-        logits = output_logits(model(images))
+        logits = model(images)
         terms: dict[str, torch.Tensor] = {}
     else:
         method = get_method(model)
         tokens, state = model.forward_tokens(images)
         logits = model.forward_head_with_state(tokens, state)
         terms = method.loss_terms(state, tokens, None, dict(method.loss_weights), types.SimpleNamespace())
-    loss = torch.nn.functional.cross_entropy(output_logits(logits), targets)  # distilled pairs averaged
+    loss = torch.nn.functional.cross_entropy(output_logits(logits), targets)  # HF outputs, distilled pairs
     return loss + sum(terms.values()) if terms else loss
 
 

@@ -163,11 +163,12 @@ class IdleViT(ReductionMethod):
 
     @staticmethod
     def _check_layers(layers, info: ModelInfo) -> tuple[int, ...]:
-        default = default_idle_layers(info) or (info.depth // 4, info.depth - 1)  # the family's default, as an example
-        accepted = (f"accepted: None (default idle layers) or a strictly increasing sequence of block indices "
-                    f"in 0..{info.depth - 1}, e.g. range({default[0]}, {default[-1] + 1})")
+        default = default_idle_layers(info)
         if layers is None:
-            return default_idle_layers(info)
+            return default
+        example = default or (info.depth // 4, info.depth - 1)  # the family's default, as an example
+        accepted = (f"accepted: None (default idle layers) or a strictly increasing sequence of block indices "
+                    f"in 0..{info.depth - 1}, e.g. range({example[0]}, {example[-1] + 1})")
         if isinstance(layers, (str, bytes)) or not isinstance(layers, (Sequence, range)):
             raise OptionError(f"layers must be a sequence of block indices, got {layers!r}; {accepted}")
         layers = tuple(layers)

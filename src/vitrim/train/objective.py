@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import OptionError, VitrimError
 from ..losses import kl_logit_distillation
+from ..measure.bench import output_logits
 from ..methods.base import HeadParts, ReductionMethod, get_method_class
 from ..state import ForwardState
 
@@ -141,9 +142,7 @@ class Objective:
             logits = out.heads.class_logits
         else:
             logits = out.logits
-        if isinstance(logits, tuple):  # distilled DeiT in distilled-training mode: average the heads
-            logits = (logits[0] + logits[1]) / 2
-        return logits
+        return output_logits(logits)  # distilled DeiT in distilled-training mode: the heads averaged
 
     def __call__(self, student: StudentOutput, targets: torch.Tensor,
                  teacher: Optional[TeacherOutput]) -> tuple[torch.Tensor, dict[str, float]]:
